@@ -1,0 +1,1 @@
+//! Shoal's CSI plugin (to be written).

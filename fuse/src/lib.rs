@@ -1,0 +1,1 @@
+//! Shoal's FUSE client (to be written).

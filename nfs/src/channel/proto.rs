@@ -1,0 +1,291 @@
+//! The wire format of the FUSE clients' channel: frames, requests, replies and recalls.
+//!
+//! Owns only types and their encoding. A frame on the wire is a big-endian `u32` length
+//! followed by that many bytes of bincode. Nothing here touches the volume or the lease table.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in `Hello`; a server refuses any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Upper bound of one encoded frame (a 1 MiB write plus headers), so a corrupt length
+/// prefix cannot make either side allocate without bound.
+pub const MAX_FRAME: usize = 2 * 1024 * 1024;
+
+/// Largest read or write payload a client may ask for in one call.
+pub const MAX_IO: u32 = 1024 * 1024;
+
+/// The volume's identifier of a file, directory or symlink (its inode number on the export's
+/// filesystem). Stable across server restarts.
+pub type NodeId = u64;
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    /// Sockets, fifos, devices: listed but not opened through Shoal.
+    Other,
+}
+
+/// Attributes of one node, as the server's filesystem reports them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub node: NodeId,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Bytes allocated on disk.
+    pub used: u64,
+    /// Permission bits only (07777).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+}
+
+/// A time to set: the server's clock, or a given time.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    ServerNow,
+    At(Time),
+}
+
+/// Attribute changes; `None` leaves a field alone.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// How `Create` treats an existing name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Open the existing file (NFSv3 UNCHECKED; attributes still applied).
+    Unchecked,
+    /// Fail with EEXIST (NFSv3 GUARDED, O_EXCL).
+    Guarded,
+}
+
+/// One directory entry with the attributes of its target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub attr: Attr,
+    /// Resume point: pass it as `after` to continue the listing after this entry.
+    pub cookie: u64,
+}
+
+/// Capacity of the export's filesystem.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FsStat {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub files: u64,
+    pub files_free: u64,
+    pub name_max: u32,
+}
+
+/// What a client asks. Every request that returns attributes also grants the caller a lease
+/// on the nodes it names (see `lease`): the client may cache the reply until the lease is
+/// recalled or its session stops being renewed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// First frame of a connection. `client` is a human-readable name for logs.
+    Hello {
+        version: u32,
+        client: String,
+    },
+    /// Extends the session's lease term. Reply: `Ok`.
+    Renew,
+    /// The client has dropped every cache entry named by recall `recall`. Reply: none.
+    RecallAck {
+        recall: u64,
+    },
+    /// The client no longer caches these nodes (the kernel forgot them). Reply: `Ok`.
+    Release {
+        nodes: Vec<NodeId>,
+    },
+    /// Resolves a `/`-separated path from the export root (for mounting a subdirectory).
+    /// Reply: `Attr`.
+    Resolve {
+        path: String,
+    },
+    Lookup {
+        dir: NodeId,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        node: NodeId,
+    },
+    SetAttr {
+        node: NodeId,
+        set: SetAttr,
+    },
+    /// Reply: `Data`.
+    Read {
+        node: NodeId,
+        offset: u64,
+        len: u32,
+    },
+    /// Reply: `Written`. Acknowledged only after every other holder's lease on `node` has
+    /// been recalled or has run out.
+    Write {
+        node: NodeId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Reply: `Attr` of the new (or, for `Unchecked`, existing) file.
+    Create {
+        dir: NodeId,
+        name: Vec<u8>,
+        mode: u32,
+        how: CreateMode,
+    },
+    Mkdir {
+        dir: NodeId,
+        name: Vec<u8>,
+        mode: u32,
+    },
+    Symlink {
+        dir: NodeId,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// Reply: `Link`.
+    Readlink {
+        node: NodeId,
+    },
+    /// Unlinks a non-directory. Reply: `Ok`.
+    Remove {
+        dir: NodeId,
+        name: Vec<u8>,
+    },
+    /// Removes an empty directory. Reply: `Ok`.
+    Rmdir {
+        dir: NodeId,
+        name: Vec<u8>,
+    },
+    /// Replaces `to_name` if it exists (POSIX rename). Reply: `Ok`.
+    Rename {
+        from_dir: NodeId,
+        from_name: Vec<u8>,
+        to_dir: NodeId,
+        to_name: Vec<u8>,
+    },
+    /// Entries after cookie `after` (0 = from the start), at most `max`, without "." and "..".
+    /// Reply: `Entries`.
+    ReadDir {
+        dir: NodeId,
+        after: u64,
+        max: u32,
+    },
+    /// Makes every acknowledged write to `node` durable on disk. Reply: `Ok`.
+    Fsync {
+        node: NodeId,
+    },
+    /// Reply: `FsStat`.
+    StatFs,
+}
+
+/// What the server answers, matched to a request by its call id.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer to `Hello`. The client must renew within `lease_term_ms`; `root` is the export.
+    Welcome {
+        session: u64,
+        lease_term_ms: u64,
+        root: Attr,
+    },
+    Ok,
+    Attr(Attr),
+    Data {
+        data: Vec<u8>,
+        eof: bool,
+    },
+    Written {
+        count: u32,
+        attr: Attr,
+    },
+    Link(Vec<u8>),
+    Entries {
+        entries: Vec<DirEntry>,
+        end: bool,
+    },
+    FsStat(FsStat),
+    /// The call failed; `errno` is a Linux errno value (ENOENT, EEXIST, ESTALE, ...).
+    Error {
+        errno: i32,
+        message: String,
+    },
+}
+
+/// The unit on the wire, in either direction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Client to server.
+    Call { id: u64, request: Request },
+    /// Server to client, answering `Call { id }`.
+    Reply { id: u64, reply: Reply },
+    /// Server to client: stop trusting anything cached about `nodes` (attributes, data, and
+    /// for directories their entries), then send `RecallAck { recall }`.
+    Recall { recall: u64, nodes: Vec<NodeId> },
+}
+
+/// Encodes a frame with its length prefix.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    let body = bincode::serialize(frame).expect("frames always serialize");
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a frame body (without its length prefix).
+pub fn decode(body: &[u8]) -> Result<Frame, bincode::Error> {
+    bincode::deserialize(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = Frame::Call {
+            id: 7,
+            request: Request::Write {
+                node: 42,
+                offset: 3,
+                data: b"hello".to_vec(),
+            },
+        };
+        let bytes = encode(&f);
+        assert_eq!(
+            u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize,
+            bytes.len() - 4
+        );
+        assert_eq!(decode(&bytes[4..]).unwrap(), f);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(decode(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).is_err());
+        assert!(decode(&[]).is_err());
+    }
+}

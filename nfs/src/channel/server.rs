@@ -1,0 +1,1 @@
+//! The share-manager's end of the channel (to be written).

@@ -1,0 +1,3 @@
+//! The `shoal` binary: argument parsing, logging and wiring only.
+
+fn main() {}
