@@ -1,1 +1,303 @@
-//! The share-manager's end of the channel (to be written).
+//! The share-manager's end of the channel: accepts FUSE clients, opens a lease session per
+//! connection, and translates each call into a [`Share`] method.
+//!
+//! Owns connections only: framing, the session's life (it ends when the connection does, and
+//! a revoked session closes its connection), and turning volume errors into `Reply::Error`.
+//! Which leases a call grants and what a change recalls is decided in `share`.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::client::read_one;
+use super::proto::{self, Frame, Reply, Request};
+use crate::lease::{RecallSink, Session};
+use crate::share::Share;
+use crate::types::NodeId;
+use crate::volume::{VolResult, VolumeError};
+
+/// Queues recalls onto the connection's outgoing frames.
+struct Outgoing(mpsc::UnboundedSender<Vec<u8>>);
+
+impl RecallSink for Outgoing {
+    fn send_recall(&self, recall: u64, nodes: Vec<NodeId>) {
+        let _ = self.0.send(proto::encode(&Frame::Recall { recall, nodes }));
+    }
+}
+
+/// Accepts channel connections until the task is dropped.
+pub async fn serve(listener: TcpListener, share: Arc<Share>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let share = share.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, share).await {
+                        debug!(%peer, "channel connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("channel accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+
+    // The first frame must be Hello with our version.
+    let hello = tokio::time::timeout(std::time::Duration::from_secs(10), read_one(&mut rd))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no Hello"))??;
+    let (id, name) = match hello {
+        Frame::Call {
+            id,
+            request: Request::Hello { version, client },
+        } if version == proto::PROTOCOL_VERSION => (id, client),
+        Frame::Call {
+            id,
+            request: Request::Hello { version, .. },
+        } => {
+            let reply = Reply::Error {
+                errno: libc::EPROTO,
+                message: format!(
+                    "protocol version {version} not supported (server speaks {})",
+                    proto::PROTOCOL_VERSION
+                ),
+            };
+            wr.write_all(&proto::encode(&Frame::Reply { id, reply }))
+                .await?;
+            return Ok(());
+        }
+        other => {
+            warn!(%peer, "first frame was not Hello: {other:?}");
+            return Ok(());
+        }
+    };
+
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let session = share
+        .leases
+        .open_session(&format!("{name}@{peer}"), Box::new(Outgoing(out.clone())));
+    let root = match share.volume.getattr(share.volume.root_id()) {
+        Ok(a) => a,
+        Err(e) => {
+            share.leases.close_session(session.id);
+            let reply = Reply::Error {
+                errno: e.errno,
+                message: e.message,
+            };
+            wr.write_all(&proto::encode(&Frame::Reply { id, reply }))
+                .await?;
+            return Ok(());
+        }
+    };
+    let welcome = Reply::Welcome {
+        session: session.id,
+        lease_term_ms: share.leases.term().as_millis() as u64,
+        root,
+    };
+    wr.write_all(&proto::encode(&Frame::Reply { id, reply: welcome }))
+        .await?;
+
+    let writer = tokio::spawn(async move {
+        while let Some(first) = out_rx.recv().await {
+            let mut buf = first;
+            while buf.len() < 1 << 20 {
+                match out_rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let result = loop {
+        let frame = tokio::select! {
+            f = read_one(&mut rd) => f,
+            _ = session.revoked.notified() => break Ok(()),
+        };
+        match frame {
+            Ok(Frame::Call { id, request }) => {
+                let (share, session, out) = (share.clone(), session.clone(), out.clone());
+                tokio::spawn(async move { call(&share, &session, &out, id, request).await });
+            }
+            Ok(other) => {
+                warn!(%peer, "unexpected frame from client: {other:?}");
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    share.leases.close_session(session.id);
+    writer.abort();
+    info!(%peer, session = session.id, "channel connection closed");
+    result
+}
+
+fn send(out: &mpsc::UnboundedSender<Vec<u8>>, id: u64, reply: Reply) {
+    let _ = out.send(proto::encode(&Frame::Reply { id, reply }));
+}
+
+fn reply_of<T>(r: VolResult<T>, ok: impl FnOnce(T) -> Reply) -> Reply {
+    match r {
+        Ok(v) => ok(v),
+        Err(VolumeError { errno, message }) => Reply::Error { errno, message },
+    }
+}
+
+/// Answers one call.
+async fn call(
+    share: &Share,
+    session: &Arc<Session>,
+    out: &mpsc::UnboundedSender<Vec<u8>>,
+    id: u64,
+    request: Request,
+) {
+    let by = Some(session.id);
+    // Reads that the client will cache go through `cached_read`, which grants the leases and
+    // queues the reply (ordered against recalls).
+    let cached = |known: &[NodeId],
+                  op: &dyn Fn(&crate::volume::Volume) -> VolResult<Reply>,
+                  found: &dyn Fn(&Reply) -> Vec<NodeId>| {
+        share.cached_read(session, known, op, found, |r| {
+            send(out, id, reply_of(r, |x| x))
+        });
+    };
+    let none = |_: &Reply| Vec::new();
+    let reply = match request {
+        Request::Hello { .. } => Reply::Error {
+            errno: libc::EPROTO,
+            message: "session already open".into(),
+        },
+        Request::Renew => {
+            if share.leases.renew(session.id) {
+                Reply::Ok
+            } else {
+                Reply::Error {
+                    errno: libc::ESTALE,
+                    message: "session expired".into(),
+                }
+            }
+        }
+        Request::RecallAck { recall } => {
+            share.leases.ack(session.id, recall);
+            return;
+        }
+        Request::Release { nodes } => {
+            share.leases.release(session.id, &nodes);
+            Reply::Ok
+        }
+        Request::Resolve { path } => {
+            let root = share.volume.root_id();
+            return cached(&[root], &|v| v.resolve(&path).map(Reply::Attr), &attr_node);
+        }
+        Request::Lookup { dir, name } => {
+            return cached(
+                &[dir],
+                &|v| v.lookup(dir, &name).map(Reply::Attr),
+                &attr_node,
+            );
+        }
+        Request::GetAttr { node } => {
+            return cached(&[node], &|v| v.getattr(node).map(Reply::Attr), &none)
+        }
+        Request::Read { node, offset, len } => {
+            let len = len.min(proto::MAX_IO);
+            return cached(
+                &[node],
+                &|v| {
+                    v.read(node, offset, len)
+                        .map(|(data, eof)| Reply::Data { data, eof })
+                },
+                &none,
+            );
+        }
+        Request::Readlink { node } => {
+            return cached(&[node], &|v| v.readlink(node).map(Reply::Link), &none)
+        }
+        Request::ReadDir { dir, after, max } => {
+            let max = (max as usize).clamp(1, 4096);
+            return cached(
+                &[dir],
+                &|v| {
+                    v.readdir(dir, after, max)
+                        .map(|(entries, end)| Reply::Entries { entries, end })
+                },
+                &none,
+            );
+        }
+        Request::StatFs => reply_of(share.volume.statfs(), Reply::FsStat),
+        Request::Fsync { node } => reply_of(share.volume.fsync(node), |_| Reply::Ok),
+        Request::Write { node, offset, data } => {
+            share.leases.grant(session.id, &[node]);
+            let count = data.len() as u32;
+            reply_of(share.write(by, node, offset, &data).await, |attr| {
+                Reply::Written { count, attr }
+            })
+        }
+        Request::SetAttr { node, set } => {
+            share.leases.grant(session.id, &[node]);
+            reply_of(share.setattr(by, node, &set).await, Reply::Attr)
+        }
+        Request::Create {
+            dir,
+            name,
+            mode,
+            how,
+        } => granted(
+            share,
+            session,
+            share.create(by, dir, &name, mode, how).await,
+        ),
+        Request::Mkdir { dir, name, mode } => {
+            granted(share, session, share.mkdir(by, dir, &name, mode).await)
+        }
+        Request::Symlink { dir, name, target } => {
+            granted(share, session, share.symlink(by, dir, &name, &target).await)
+        }
+        Request::Remove { dir, name } => {
+            reply_of(share.remove(by, dir, &name).await, |_| Reply::Ok)
+        }
+        Request::Rmdir { dir, name } => reply_of(share.rmdir(by, dir, &name).await, |_| Reply::Ok),
+        Request::Rename {
+            from_dir,
+            from_name,
+            to_dir,
+            to_name,
+        } => reply_of(
+            share
+                .rename(by, from_dir, &from_name, to_dir, &to_name)
+                .await,
+            |_| Reply::Ok,
+        ),
+    };
+    send(out, id, reply);
+}
+
+fn attr_node(r: &Reply) -> Vec<NodeId> {
+    match r {
+        Reply::Attr(a) => vec![a.node],
+        _ => Vec::new(),
+    }
+}
+
+/// The reply to a call that made a node: the caller may cache it, so it holds its lease.
+fn granted(share: &Share, session: &Session, r: VolResult<crate::types::Attr>) -> Reply {
+    if let Ok(a) = &r {
+        share.leases.grant(session.id, &[a.node]);
+    }
+    reply_of(r, Reply::Attr)
+}

@@ -1,0 +1,702 @@
+//! The volume: one exported directory, seen as nodes (files, directories, symlinks) named by
+//! their inode numbers.
+//!
+//! Owns the map from node id to a place inside the export, every I/O on the real directory,
+//! and containment: names are single components (never `.`, `..`, or containing `/`), paths
+//! are only ever built from the node table under the export root, and the final component is
+//! never followed if it is a symlink. Nothing outside the export can be named, opened or
+//! changed through a volume. It knows nothing of protocols or leases.
+//!
+//! Node ids are inode numbers, so they survive a restart of the server on the same data. A
+//! node the table does not know yet (after a restart) is found by walking the export once.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tracing::{debug, info};
+
+use crate::types::{Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, SetAttr, SetTime, Time};
+
+/// A failed volume operation: a Linux errno and what went wrong, for the caller's log and reply.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct VolumeError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl VolumeError {
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        VolumeError {
+            errno,
+            message: message.into(),
+        }
+    }
+    fn io(what: &str, e: io::Error) -> Self {
+        VolumeError {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            message: format!("{what}: {e}"),
+        }
+    }
+    fn stale(node: NodeId) -> Self {
+        VolumeError::new(
+            libc::ESTALE,
+            format!("node {node} is not in the export (stale handle)"),
+        )
+    }
+}
+
+pub type VolResult<T> = Result<T, VolumeError>;
+
+/// Where a node sits: its parent directory and its name there.
+#[derive(Clone, Debug)]
+struct Place {
+    parent: NodeId,
+    name: OsString,
+}
+
+/// A directory listing sorted by node id, so a cookie (the last node id returned) keeps its
+/// meaning while entries come and go.
+struct Listing {
+    mtime: (i64, i64),
+    entries: Arc<Vec<(NodeId, OsString)>>,
+}
+
+/// Most open files kept for reuse by read and write.
+const OPEN_FILES_MAX: usize = 512;
+
+/// An exported directory.
+pub struct Volume {
+    /// The export root, canonical.
+    root: PathBuf,
+    /// The root's inode number: node id of the export.
+    root_id: NodeId,
+    /// The device of the export; nodes on other devices (mounts inside it) are not exported.
+    dev: u64,
+    /// Node id to place. The root has no entry.
+    places: DashMap<NodeId, Place>,
+    /// Sorted listings of directories, reused while the directory's mtime stays the same.
+    listings: DashMap<NodeId, Listing>,
+    /// Open files by node id, reused across reads and writes.
+    open_files: DashMap<NodeId, Arc<File>>,
+    /// Serializes the full walk that finds nodes unknown after a restart.
+    walk: Mutex<()>,
+}
+
+impl Volume {
+    /// Opens the export at `root`: it must exist, be a directory and be readable.
+    pub fn open(root: &Path) -> VolResult<Volume> {
+        let shown = root.display();
+        let canon =
+            fs::canonicalize(root).map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
+        let meta =
+            fs::metadata(&canon).map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
+        if !meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::ENOTDIR,
+                format!("export {shown}: not a directory"),
+            ));
+        }
+        fs::read_dir(&canon).map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
+        info!(export = %canon.display(), "volume opened");
+        Ok(Volume {
+            root: canon,
+            root_id: meta.ino(),
+            dev: meta.dev(),
+            places: DashMap::new(),
+            listings: DashMap::new(),
+            open_files: DashMap::new(),
+            walk: Mutex::new(()),
+        })
+    }
+
+    /// The export's own directory.
+    pub fn root_id(&self) -> NodeId {
+        self.root_id
+    }
+
+    /// The export's path on disk.
+    pub fn root_path(&self) -> &Path {
+        &self.root
+    }
+
+    /// An id for the export's filesystem, stable across restarts (its device number).
+    pub fn fsid(&self) -> u64 {
+        self.dev
+    }
+
+    /// Number of nodes whose place the volume remembers.
+    pub fn known_nodes(&self) -> usize {
+        self.places.len()
+    }
+
+    // ---- resolving nodes ----
+
+    /// The path of `node`, checked to still be that node. Finds nodes unknown to the table
+    /// (a restart, a change made directly on disk) by walking the export once.
+    fn path(&self, node: NodeId) -> VolResult<(PathBuf, fs::Metadata)> {
+        if let Some(found) = self.try_path(node) {
+            return Ok(found);
+        }
+        self.rediscover(node)?;
+        self.try_path(node).ok_or_else(|| VolumeError::stale(node))
+    }
+
+    fn try_path(&self, node: NodeId) -> Option<(PathBuf, fs::Metadata)> {
+        let path = self.path_from_table(node)?;
+        let meta = fs::symlink_metadata(&path).ok()?;
+        (meta.ino() == node && meta.dev() == self.dev).then_some((path, meta))
+    }
+
+    fn path_from_table(&self, node: NodeId) -> Option<PathBuf> {
+        let mut names = Vec::new();
+        let mut at = node;
+        while at != self.root_id {
+            let place = self.places.get(&at)?;
+            names.push(place.name.clone());
+            at = place.parent;
+            if names.len() > 4096 {
+                return None; // a cycle in the table: treat as unknown
+            }
+        }
+        let mut path = self.root.clone();
+        for name in names.iter().rev() {
+            path.push(name);
+        }
+        Some(path)
+    }
+
+    /// Walks the export, recording the place of every node, until `node` is found.
+    fn rediscover(&self, node: NodeId) -> VolResult<()> {
+        let _walking = self.walk.lock().unwrap();
+        if self.try_path(node).is_some() {
+            return Ok(());
+        }
+        debug!(node, "walking the export to find a node");
+        let mut stack = vec![(self.root_id, self.root.clone())];
+        while let Some((dir_id, dir_path)) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir_path) else {
+                continue;
+            };
+            for entry in rd.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.dev() != self.dev {
+                    continue;
+                }
+                let id = meta.ino();
+                self.places.insert(
+                    id,
+                    Place {
+                        parent: dir_id,
+                        name: entry.file_name(),
+                    },
+                );
+                if meta.is_dir() {
+                    stack.push((id, entry.path()));
+                }
+                if id == node {
+                    return Ok(());
+                }
+            }
+        }
+        Err(VolumeError::stale(node))
+    }
+
+    /// The path of directory `dir`.
+    fn dir_path(&self, dir: NodeId) -> VolResult<PathBuf> {
+        let (path, meta) = self.path(dir)?;
+        if !meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::ENOTDIR,
+                format!("node {dir} is not a directory"),
+            ));
+        }
+        Ok(path)
+    }
+
+    /// The path of `name` inside directory `dir`, after checking the name is one component.
+    fn child_path(&self, dir: NodeId, name: &[u8]) -> VolResult<PathBuf> {
+        check_name(name)?;
+        Ok(self.dir_path(dir)?.join(OsStr::from_bytes(name)))
+    }
+
+    /// Records that `meta` sits at `name` in `dir` and returns its attributes.
+    fn remember(&self, dir: NodeId, name: &[u8], meta: &fs::Metadata) -> Attr {
+        self.places.insert(
+            meta.ino(),
+            Place {
+                parent: dir,
+                name: OsStr::from_bytes(name).to_owned(),
+            },
+        );
+        attr_of(meta)
+    }
+
+    // ---- reading ----
+
+    pub fn getattr(&self, node: NodeId) -> VolResult<Attr> {
+        Ok(attr_of(&self.path(node)?.1))
+    }
+
+    pub fn lookup(&self, dir: NodeId, name: &[u8]) -> VolResult<Attr> {
+        let path = self.child_path(dir, name)?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        if meta.dev() != self.dev {
+            return Err(VolumeError::new(
+                libc::EXDEV,
+                format!("{}: another filesystem", lossy(name)),
+            ));
+        }
+        Ok(self.remember(dir, name, &meta))
+    }
+
+    /// The directory holding `node`; the export root is its own parent, so nothing above
+    /// the export can be reached.
+    pub fn parent(&self, node: NodeId) -> VolResult<NodeId> {
+        if node == self.root_id {
+            return Ok(node);
+        }
+        self.path(node)?;
+        self.places
+            .get(&node)
+            .map(|p| p.parent)
+            .ok_or_else(|| VolumeError::stale(node))
+    }
+
+    /// Resolves a `/`-separated path below the export root, one lookup per component.
+    pub fn resolve(&self, path: &str) -> VolResult<Attr> {
+        let mut attr = self.getattr(self.root_id)?;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            attr = self.lookup(attr.node, part.as_bytes())?;
+        }
+        Ok(attr)
+    }
+
+    /// Reads up to `len` bytes at `offset`; `eof` is true when the read reached the end.
+    pub fn read(&self, node: NodeId, offset: u64, len: u32) -> VolResult<(Vec<u8>, bool)> {
+        let file = self.open_file(node)?;
+        let mut buf = vec![0u8; len as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VolumeError::io("read", e)),
+            }
+        }
+        buf.truncate(got);
+        let size = file
+            .metadata()
+            .map_err(|e| VolumeError::io("read", e))?
+            .len();
+        Ok((buf, offset + got as u64 >= size))
+    }
+
+    pub fn readlink(&self, node: NodeId) -> VolResult<Vec<u8>> {
+        let (path, meta) = self.path(node)?;
+        if !meta.file_type().is_symlink() {
+            return Err(VolumeError::new(
+                libc::EINVAL,
+                format!("node {node} is not a symlink"),
+            ));
+        }
+        let target = fs::read_link(&path).map_err(|e| VolumeError::io("readlink", e))?;
+        Ok(target.into_os_string().into_vec())
+    }
+
+    /// Up to `max` entries of `dir` whose cookie is greater than `after`, in cookie order.
+    /// The cookie of an entry is its node id: a resumed listing neither repeats nor skips an
+    /// entry that stayed in the directory, whatever else was added or removed meanwhile.
+    pub fn readdir(&self, dir: NodeId, after: u64, max: usize) -> VolResult<(Vec<DirEntry>, bool)> {
+        let path = self.dir_path(dir)?;
+        let listing = self.listing(dir, &path)?;
+        let start = listing.partition_point(|(id, _)| *id <= after);
+        let mut out = Vec::new();
+        let mut i = start;
+        while i < listing.len() && out.len() < max {
+            let (id, name) = &listing[i];
+            i += 1;
+            // The entry may have gone since the listing was taken; skip it then.
+            let Ok(meta) = fs::symlink_metadata(path.join(name)) else {
+                continue;
+            };
+            if meta.ino() != *id {
+                continue;
+            }
+            let attr = self.remember(dir, name.as_bytes(), &meta);
+            out.push(DirEntry {
+                name: name.as_bytes().to_vec(),
+                attr,
+                cookie: *id,
+            });
+        }
+        Ok((out, i >= listing.len()))
+    }
+
+    fn listing(&self, dir: NodeId, path: &Path) -> VolResult<Arc<Vec<(NodeId, OsString)>>> {
+        let meta = fs::metadata(path).map_err(|e| VolumeError::io("readdir", e))?;
+        let mtime = (meta.mtime(), meta.mtime_nsec());
+        if let Some(l) = self.listings.get(&dir) {
+            if l.mtime == mtime {
+                return Ok(l.entries.clone());
+            }
+        }
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(path).map_err(|e| VolumeError::io("readdir", e))? {
+            let entry = entry.map_err(|e| VolumeError::io("readdir", e))?;
+            use std::os::unix::fs::DirEntryExt;
+            entries.push((entry.ino(), entry.file_name()));
+        }
+        entries.sort();
+        let entries = Arc::new(entries);
+        self.listings.insert(
+            dir,
+            Listing {
+                mtime,
+                entries: entries.clone(),
+            },
+        );
+        Ok(entries)
+    }
+
+    pub fn statfs(&self) -> VolResult<FsStat> {
+        let c = CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| VolumeError::new(libc::EINVAL, "root"))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable
+        // statvfs that the kernel fills; we read it only when the call reports success.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(VolumeError::io("statfs", io::Error::last_os_error()));
+        }
+        Ok(FsStat {
+            block_size: st.f_frsize as u32,
+            blocks: st.f_blocks,
+            blocks_free: st.f_bfree,
+            blocks_avail: st.f_bavail,
+            files: st.f_files,
+            files_free: st.f_ffree,
+            name_max: st.f_namemax as u32,
+        })
+    }
+
+    // ---- changing ----
+
+    pub fn write(&self, node: NodeId, offset: u64, data: &[u8]) -> VolResult<Attr> {
+        let file = self.open_file(node)?;
+        file.write_all_at(data, offset)
+            .map_err(|e| VolumeError::io("write", e))?;
+        Ok(attr_of(
+            &file.metadata().map_err(|e| VolumeError::io("write", e))?,
+        ))
+    }
+
+    /// Makes acknowledged writes to `node` durable.
+    pub fn fsync(&self, node: NodeId) -> VolResult<()> {
+        let file = self.open_file(node)?;
+        file.sync_all().map_err(|e| VolumeError::io("fsync", e))
+    }
+
+    pub fn setattr(&self, node: NodeId, set: &SetAttr) -> VolResult<Attr> {
+        let (path, meta) = self.path(node)?;
+        let what = |w: &str| format!("setattr {w}");
+        if let Some(size) = set.size {
+            if meta.is_dir() {
+                return Err(VolumeError::new(
+                    libc::EISDIR,
+                    "cannot truncate a directory",
+                ));
+            }
+            self.open_file(node)?
+                .set_len(size)
+                .map_err(|e| VolumeError::io(&what("size"), e))?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            std::os::unix::fs::lchown(&path, set.uid, set.gid)
+                .map_err(|e| VolumeError::io(&what("owner"), e))?;
+        }
+        if let Some(mode) = set.mode {
+            if !meta.file_type().is_symlink() {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| VolumeError::io(&what("mode"), e))?;
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            set_times(&path, set.atime, set.mtime)
+                .map_err(|e| VolumeError::io(&what("times"), e))?;
+        }
+        self.getattr(node)
+    }
+
+    /// Creates a regular file. `Unchecked` on an existing file opens it (and applies `mode`
+    /// only to a new file); `Guarded` fails with EEXIST.
+    pub fn create(&self, dir: NodeId, name: &[u8], mode: u32, how: CreateMode) -> VolResult<Attr> {
+        let path = self.child_path(dir, name)?;
+        let mut opts = OpenOptions::new();
+        opts.write(true)
+            .mode(mode & 0o7777)
+            .custom_flags(libc::O_NOFOLLOW);
+        match how {
+            CreateMode::Guarded => opts.create_new(true),
+            CreateMode::Unchecked => opts.create(true),
+        };
+        let file = opts
+            .open(&path)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
+        if !meta.is_file() {
+            return Err(VolumeError::new(
+                libc::EEXIST,
+                format!("{}: exists and is not a file", lossy(name)),
+            ));
+        }
+        Ok(self.remember(dir, name, &meta))
+    }
+
+    pub fn mkdir(&self, dir: NodeId, name: &[u8], mode: u32) -> VolResult<Attr> {
+        let path = self.child_path(dir, name)?;
+        fs::DirBuilder::new()
+            .mode(mode & 0o7777)
+            .create(&path)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        Ok(self.remember(dir, name, &meta))
+    }
+
+    /// Creates a symlink. The target is stored as given: the server never follows it, a
+    /// client resolves it on its own side.
+    pub fn symlink(&self, dir: NodeId, name: &[u8], target: &[u8]) -> VolResult<Attr> {
+        let path = self.child_path(dir, name)?;
+        if target.is_empty() || target.contains(&0) {
+            return Err(VolumeError::new(
+                libc::EINVAL,
+                "symlink target is empty or has a NUL byte",
+            ));
+        }
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        Ok(self.remember(dir, name, &meta))
+    }
+
+    /// Unlinks a non-directory; returns the node that was removed.
+    pub fn remove(&self, dir: NodeId, name: &[u8]) -> VolResult<NodeId> {
+        let path = self.child_path(dir, name)?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        if meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::EISDIR,
+                format!("{}: is a directory", lossy(name)),
+            ));
+        }
+        fs::remove_file(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        self.forget(meta.ino(), meta.nlink() <= 1);
+        Ok(meta.ino())
+    }
+
+    /// Removes an empty directory; returns its node id.
+    pub fn rmdir(&self, dir: NodeId, name: &[u8]) -> VolResult<NodeId> {
+        let path = self.child_path(dir, name)?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        if !meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::ENOTDIR,
+                format!("{}: not a directory", lossy(name)),
+            ));
+        }
+        fs::remove_dir(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        self.forget(meta.ino(), true);
+        Ok(meta.ino())
+    }
+
+    /// Renames, replacing an existing target. Returns the moved node and the replaced one.
+    pub fn rename(
+        &self,
+        from_dir: NodeId,
+        from: &[u8],
+        to_dir: NodeId,
+        to: &[u8],
+    ) -> VolResult<(NodeId, Option<NodeId>)> {
+        let src = self.child_path(from_dir, from)?;
+        let dst = self.child_path(to_dir, to)?;
+        let moved = fs::symlink_metadata(&src).map_err(|e| VolumeError::io(&lossy(from), e))?;
+        if moved.is_dir() && dst.starts_with(&src) && dst != src {
+            return Err(VolumeError::new(
+                libc::EINVAL,
+                "cannot move a directory into itself",
+            ));
+        }
+        let replaced = fs::symlink_metadata(&dst)
+            .ok()
+            .filter(|m| m.ino() != moved.ino());
+        fs::rename(&src, &dst)
+            .map_err(|e| VolumeError::io(&format!("rename {}", lossy(from)), e))?;
+        if let Some(r) = &replaced {
+            self.forget(r.ino(), r.is_dir() || r.nlink() <= 1);
+        }
+        self.remember(to_dir, to, &moved);
+        Ok((moved.ino(), replaced.map(|m| m.ino())))
+    }
+
+    /// Drops what the volume remembers of a node that left its place.
+    fn forget(&self, node: NodeId, gone: bool) {
+        self.places.remove(&node);
+        self.listings.remove(&node);
+        if gone {
+            self.open_files.remove(&node);
+        }
+    }
+
+    /// An open file for `node`, reused across calls.
+    fn open_file(&self, node: NodeId) -> VolResult<Arc<File>> {
+        if let Some(f) = self.open_files.get(&node) {
+            return Ok(f.clone());
+        }
+        let (path, meta) = self.path(node)?;
+        if meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::EISDIR,
+                format!("node {node} is a directory"),
+            ));
+        }
+        if !meta.is_file() {
+            return Err(VolumeError::new(
+                libc::EINVAL,
+                format!("node {node} is not a regular file"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .or_else(|_| {
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+            })
+            .map_err(|e| VolumeError::io("open", e))?;
+        let file = Arc::new(file);
+        if self.open_files.len() >= OPEN_FILES_MAX {
+            // Evict an arbitrary half: cheap, and reopening costs one open(2).
+            let victims: Vec<NodeId> = self
+                .open_files
+                .iter()
+                .map(|e| *e.key())
+                .step_by(2)
+                .collect();
+            for v in victims {
+                self.open_files.remove(&v);
+            }
+        }
+        self.open_files.insert(node, file.clone());
+        Ok(file)
+    }
+
+    /// Node ids of every entry the volume remembers under `dir` (for tests and diagnostics).
+    pub fn remembered_children(&self, dir: NodeId) -> HashMap<OsString, NodeId> {
+        self.places
+            .iter()
+            .filter(|p| p.parent == dir)
+            .map(|p| (p.name.clone(), *p.key()))
+            .collect()
+    }
+}
+
+/// A name must be one path component: not empty, not `.` or `..`, no `/` or NUL, at most 255 bytes.
+pub fn check_name(name: &[u8]) -> VolResult<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(VolumeError::new(
+            libc::EINVAL,
+            format!("invalid name {:?}", lossy(name)),
+        ));
+    }
+    if name.len() > 255 {
+        return Err(VolumeError::new(
+            libc::ENAMETOOLONG,
+            "name longer than 255 bytes",
+        ));
+    }
+    Ok(())
+}
+
+fn lossy(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+fn attr_of(m: &fs::Metadata) -> Attr {
+    let ft = m.file_type();
+    let kind = if ft.is_file() {
+        FileKind::File
+    } else if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else {
+        FileKind::Other
+    };
+    let t = |s: i64, n: i64| Time {
+        secs: s,
+        nanos: n as u32,
+    };
+    Attr {
+        node: m.ino(),
+        kind,
+        size: m.size(),
+        used: m.blocks() * 512,
+        mode: m.mode() & 0o7777,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        atime: t(m.atime(), m.atime_nsec()),
+        mtime: t(m.mtime(), m.mtime_nsec()),
+        ctime: t(m.ctime(), m.ctime_nsec()),
+    }
+}
+
+fn set_times(path: &Path, atime: Option<SetTime>, mtime: Option<SetTime>) -> io::Result<()> {
+    let ts = |t: Option<SetTime>| match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::ServerNow) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => libc::timespec {
+            tv_sec: t.secs,
+            tv_nsec: t.nanos as i64,
+        },
+    };
+    let times = [ts(atime), ts(mtime)];
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `times` an array of exactly two
+    // timespecs, as utimensat requires; the kernel only reads them.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
