@@ -196,14 +196,27 @@ impl LeaseTable {
     }
 
     /// Extends a session's lease by one term from now. False if the session is unknown or over.
+    /// A session whose lease already ran out cannot be renewed: recalls may have been skipped
+    /// while it was silent, so it is ended (its connection closes) and the client must open
+    /// a new session with an empty cache.
     pub fn renew(&self, id: SessionId) -> bool {
-        match self.sessions.get(&id) {
-            Some(s) if !s.ended() => {
-                *s.expires.lock().unwrap() = Instant::now() + self.term;
-                true
-            }
-            _ => false,
+        let Some(s) = self.sessions.get(&id).map(|s| s.clone()) else {
+            return false;
+        };
+        if s.ended() {
+            return false;
         }
+        let now = Instant::now();
+        let mut expires = s.expires.lock().unwrap();
+        if *expires <= now {
+            drop(expires);
+            info!(session = id, client = %s.name, "renewal after the lease ran out; ending session");
+            self.close_session(id);
+            s.revoked.notify_one();
+            return false;
+        }
+        *expires = now + self.term;
+        true
     }
 
     /// Grants `session` a lease on `nodes`. Call before reading what the client will cache.
@@ -433,6 +446,19 @@ mod tests {
         t.recall(None, &[9]).wait(&t).await;
         assert!(started.elapsed() >= Duration::from_secs(9));
         assert_eq!(t.stats().recalls_expired, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_session_cannot_be_renewed() {
+        let t = LeaseTable::new(Duration::from_secs(10));
+        let (b, _brx) = session(&t, "b");
+        t.grant(b.id, &[4]);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(t.renew(b.id), "renewed within the term");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(!t.renew(b.id), "a lapsed lease is not revived");
+        assert!(b.ended());
+        assert_eq!(t.stats().leases_held, 0);
     }
 
     #[tokio::test]
