@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(
     name = "shoal",
@@ -34,23 +36,73 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         lease_term: u64,
     },
+    /// Mount a share (or one directory of it) with FUSE; stays in the foreground until
+    /// unmounted (`fusermount3 -u MOUNTPOINT`) or sent SIGTERM/SIGINT.
+    Mount {
+        /// The share's ADDR:PORT (its NFS port), optionally followed by /SUBDIR.
+        share: String,
+        /// Where to mount it (an existing directory).
+        mountpoint: PathBuf,
+        /// Mount read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// This client's name in the server's logs (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the CSI plugin (Identity, Controller, Node) on a unix socket.
+    Csi {
+        /// unix:///path/to/csi.sock
+        #[arg(long)]
+        endpoint: String,
+        /// This node's id, reported by NodeGetInfo.
+        #[arg(long)]
+        node_id: String,
+        /// The share's ADDR:PORT, needed by the Controller to create and delete volumes.
+        #[arg(long)]
+        share: Option<String>,
+    },
+    /// Show the whole path on an embedded default: a temporary export, three mounts, a
+    /// write on one seen on the others; cleans up on exit.
+    Demo {
+        /// Keep the mounts up until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; its parts only speak up about problems.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve {
             export,
             listen,
             lease_term,
         } => serve(export, listen, lease_term),
+        Command::Mount {
+            share,
+            mountpoint,
+            read_only,
+            name,
+        } => mount(share, mountpoint, read_only, name),
+        Command::Csi {
+            endpoint,
+            node_id,
+            share,
+        } => csi(endpoint, node_id, share),
+        Command::Demo { keep } => demo::run(keep),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,8 +139,50 @@ fn serve(export: PathBuf, listen: SocketAddr, lease_term: u64) -> anyhow::Result
     })
 }
 
+fn mount(
+    share: String,
+    mountpoint: PathBuf,
+    read_only: bool,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    let (share, subdir) = match share.split_once('/') {
+        Some((addr, sub)) if !sub.trim_matches('/').is_empty() => {
+            (addr.to_string(), Some(sub.trim_matches('/').to_string()))
+        }
+        Some((addr, _)) => (addr.to_string(), None),
+        None => (share, None),
+    };
+    let name = name.unwrap_or_else(hostname);
+    shoal_fuse::mount(shoal_fuse::MountOptions {
+        share,
+        subdir,
+        mountpoint,
+        read_only,
+        name,
+    })?;
+    Ok(())
+}
+
+fn csi(endpoint: String, node_id: String, share: Option<String>) -> anyhow::Result<()> {
+    let shoal_bin = std::env::current_exe()?;
+    let opts = shoal_csi::CsiOptions {
+        endpoint,
+        node_id,
+        share,
+        shoal_bin,
+    };
+    runtime()?.block_on(shoal_csi::run(opts))?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "shoal".into())
+}
+
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
