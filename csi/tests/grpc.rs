@@ -196,10 +196,7 @@ async fn controller_argument_errors() {
     let rpcs: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(CType::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|CType::Rpc(r)| r.r#type))
         .collect();
     assert_eq!(rpcs, vec![rpc::Type::CreateDeleteVolume as i32]);
 
