@@ -226,7 +226,10 @@ impl Mounter {
         })? {
             let have = self.read_record(target).or_else(|| {
                 // No record (state lost): recognise our own mount by its source.
-                m.source.ends_with(&want.source).then(|| Published {
+                // `shoal mount` names its mounts `shoal:HOST:PORT/SUBDIR`.
+                let ours = m.source == want.source
+                    || m.source.strip_prefix("shoal:") == Some(want.source.as_str());
+                ours.then(|| Published {
                     read_only: m.read_only(),
                     ..want.clone()
                 })
