@@ -1043,7 +1043,7 @@ impl Filesystem for ShoalFs {
         }
         let after = offset.saturating_sub(2);
         self.spawn(move |s| async move {
-            let (t, r) = s
+            let (_, r) = s
                 .call(Request::ReadDir {
                     dir,
                     after,
@@ -1061,13 +1061,8 @@ impl Filesystem for ShoalFs {
                     return;
                 }
             };
-            let (_, until) = lease_window(&s.client);
-            {
-                let mut c = s.cache.lock().unwrap();
-                for e in &entries {
-                    c.put_entry(t, dir, &e.name, Some(&e.attr), until);
-                }
-            }
+            // Not cached: a listing grants a lease on the directory only, not on the entries'
+            // nodes, so their attributes would not be recalled when they change.
             for e in entries {
                 if e.name.starts_with(SILLY_PREFIX.as_bytes()) {
                     continue;

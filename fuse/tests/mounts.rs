@@ -1,0 +1,413 @@
+//! Two real FUSE mounts of one in-process share: what one node writes, renames or removes, the
+//! other sees at once. Needs root and /dev/fuse (skipped with a message otherwise).
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shoal_fuse::{mount, MountError, MountOptions};
+use shoal_nfs::server::{start, Running, ServeOptions};
+
+/// A share-manager on a temporary export, with its own runtime.
+struct Server {
+    export: tempfile::TempDir,
+    running: Option<Running>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start() -> Server {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let export = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let opts = ServeOptions {
+            export: export.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            lease_term: Duration::from_secs(10),
+        };
+        let running = rt.block_on(start(&opts)).expect("server starts");
+        Server {
+            export,
+            running: Some(running),
+            rt,
+        }
+    }
+
+    fn share(&self) -> String {
+        self.running.as_ref().unwrap().nfs_addr.to_string()
+    }
+
+    fn export(&self) -> &Path {
+        self.export.path()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+        drop(self.running.take());
+    }
+}
+
+/// A live mount; unmounts (lazily, so it cannot be refused) and joins on drop.
+struct Mount {
+    dir: tempfile::TempDir,
+    thread: Option<JoinHandle<Result<(), MountError>>>,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let want = path.canonicalize().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Mount {
+    fn new(server: &Server, name: &str) -> Mount {
+        Mount::with(server, name, None, false)
+    }
+
+    fn with(server: &Server, name: &str, subdir: Option<&str>, read_only: bool) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = MountOptions {
+            share: server.share(),
+            subdir: subdir.map(str::to_string),
+            mountpoint: dir.path().to_path_buf(),
+            read_only,
+            name: name.to_string(),
+        };
+        let thread = std::thread::spawn(move || mount(opts));
+        let mut m = Mount {
+            dir,
+            thread: Some(thread),
+        };
+        let path = m.dir.path().to_path_buf();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_mounted(&path) {
+            if m.thread.as_ref().unwrap().is_finished() {
+                let r = m.thread.take().unwrap().join().unwrap();
+                panic!("mount ended early: {r:?}");
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Unmounts as `fusermount3 -u` / `umount` would, and returns what `mount` returned.
+    fn unmount(mut self) -> Result<(), MountError> {
+        self.stop().expect("mount thread")
+    }
+
+    fn stop(&mut self) -> Option<Result<(), MountError>> {
+        let thread = self.thread.take()?;
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if thread.is_finished() {
+            Some(thread.join().unwrap())
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn fuse_available() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn written_and_closed_on_one_node_is_read_identical_on_the_other() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = Mount::new(&server, "a");
+    let b = Mount::new(&server, "b");
+
+    // Same size every round, so only a real invalidation (not a size change) shows it.
+    for round in 0..20u8 {
+        let (w, r) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i as u8).wrapping_mul(31) ^ round)
+            .collect();
+        fs::write(w.path("f"), &data).unwrap();
+        assert_eq!(fs::read(r.path("f")).unwrap(), data, "round {round}");
+        assert_eq!(fs::read(w.path("f")).unwrap(), data, "round {round}");
+    }
+
+    // A file kept open on B sees A's overwrite through the same descriptor.
+    let mut held = fs::File::open(b.path("f")).unwrap();
+    let mut before = Vec::new();
+    held.read_to_end(&mut before).unwrap();
+    let mut w = fs::OpenOptions::new()
+        .write(true)
+        .open(a.path("f"))
+        .unwrap();
+    w.write_all(b"XYZ").unwrap();
+    drop(w);
+    held.seek(SeekFrom::Start(0)).unwrap();
+    let mut head = [0u8; 3];
+    held.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"XYZ");
+    drop(held);
+
+    // Larger than one channel I/O (1 MiB), not page aligned.
+    let big: Vec<u8> = (0..3_000_001u32).map(|i| (i % 251) as u8).collect();
+    fs::write(a.path("big"), &big).unwrap();
+    assert_eq!(fs::read(b.path("big")).unwrap(), big);
+    assert_eq!(fs::read(server.export().join("big")).unwrap(), big);
+
+    assert!(a.unmount().is_ok());
+    assert!(b.unmount().is_ok());
+}
+
+#[test]
+fn namespace_changes_are_seen_across_mounts() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = Mount::new(&server, "a");
+    let b = Mount::new(&server, "b");
+
+    // Warm B's caches on the directory first, so a stale cache would show.
+    assert!(!b.path("d").exists());
+    fs::create_dir(a.path("d")).unwrap();
+    assert!(b.path("d").is_dir());
+    assert_eq!(fs::read_dir(b.path("d")).unwrap().count(), 0);
+
+    fs::write(a.path("d/one"), b"1").unwrap();
+    let names = |m: &Mount| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(m.path("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&b), vec!["one"]);
+    assert_eq!(fs::read(b.path("d/one")).unwrap(), b"1");
+
+    fs::rename(a.path("d/one"), a.path("d/two")).unwrap();
+    assert!(!b.path("d/one").exists());
+    assert_eq!(fs::read(b.path("d/two")).unwrap(), b"1");
+    assert_eq!(names(&b), vec!["two"]);
+
+    // Rename over an existing file, from B this time.
+    fs::write(b.path("d/three"), b"3").unwrap();
+    fs::rename(b.path("d/three"), b.path("d/two")).unwrap();
+    assert_eq!(fs::read(a.path("d/two")).unwrap(), b"3");
+    assert_eq!(names(&a), vec!["two"]);
+
+    // O_EXCL create of a name the other node made.
+    let excl = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(b.path("d/two"));
+    assert_eq!(excl.unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+
+    fs::remove_file(a.path("d/two")).unwrap();
+    assert!(!b.path("d/two").exists());
+    assert_eq!(names(&b), Vec::<String>::new());
+    fs::remove_dir(b.path("d")).unwrap();
+    assert!(!a.path("d").exists());
+
+    // Many entries: listing pages through the server's cookies without loss or repeats.
+    fs::create_dir(a.path("many")).unwrap();
+    for i in 0..700 {
+        fs::write(a.path(&format!("many/f{i:04}")), b"").unwrap();
+    }
+    let mut listed: Vec<String> = fs::read_dir(b.path("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let want: Vec<String> = (0..700).map(|i| format!("f{i:04}")).collect();
+    assert_eq!(listed, want);
+}
+
+#[test]
+fn unlink_while_open_keeps_the_file_readable() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = Mount::new(&server, "a");
+    let b = Mount::new(&server, "b");
+
+    fs::write(a.path("tmp"), b"still here").unwrap();
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.path("tmp"))
+        .unwrap();
+    fs::remove_file(a.path("tmp")).unwrap();
+    assert!(!a.path("tmp").exists());
+    assert!(!b.path("tmp").exists());
+    assert_eq!(fs::read_dir(a.dir.path()).unwrap().count(), 0, "hidden");
+
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+    f.write_all(b", and more").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    s.clear();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here, and more");
+    drop(f);
+
+    // The last close removes the hidden name on the server.
+    wait_for("hidden file removal", Duration::from_secs(5), || {
+        fs::read_dir(server.export()).unwrap().count() == 0
+    });
+}
+
+#[test]
+fn truncate_chmod_symlink_and_df() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = Mount::new(&server, "a");
+    let b = Mount::new(&server, "b");
+
+    fs::write(a.path("t"), b"0123456789").unwrap();
+    assert_eq!(fs::read(b.path("t")).unwrap(), b"0123456789");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(a.path("t"))
+        .unwrap()
+        .set_len(3)
+        .unwrap();
+    assert_eq!(fs::metadata(b.path("t")).unwrap().len(), 3);
+    assert_eq!(fs::read(b.path("t")).unwrap(), b"012");
+    // O_TRUNC through open.
+    fs::write(b.path("t"), b"ab").unwrap();
+    assert_eq!(fs::read(a.path("t")).unwrap(), b"ab");
+
+    let mode = |m: &Mount| fs::metadata(m.path("t")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&b), 0o644);
+    fs::set_permissions(a.path("t"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(mode(&b), 0o600);
+    assert_eq!(
+        fs::metadata(server.export().join("t")).unwrap().mode() & 0o7777,
+        0o600
+    );
+
+    std::os::unix::fs::symlink("t", a.path("link")).unwrap();
+    assert_eq!(fs::read_link(b.path("link")).unwrap(), Path::new("t"));
+    assert_eq!(fs::read(b.path("link")).unwrap(), b"ab");
+
+    // df: the export's filesystem, as statvfs sees it through the mount.
+    let c = std::ffi::CString::new(b.dir.path().to_str().unwrap()).unwrap();
+    // SAFETY: `st` is a plain-data struct statvfs fills; `c` is NUL-terminated and outlives
+    // the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0);
+    assert!(st.f_blocks > 0 && st.f_bsize > 0);
+    let df = std::process::Command::new("df")
+        .arg(b.dir.path())
+        .output()
+        .unwrap();
+    assert!(df.status.success());
+    assert!(String::from_utf8_lossy(&df.stdout).contains("shoal:"));
+}
+
+#[test]
+fn subdir_and_read_only_mounts() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    fs::create_dir_all(server.export().join("vol1/data")).unwrap();
+    fs::write(server.export().join("vol1/data/x"), b"x").unwrap();
+    let rw = Mount::with(&server, "rw", Some("vol1/data"), false);
+    let ro = Mount::with(&server, "ro", Some("/vol1/data/"), true);
+    assert_eq!(fs::read(ro.path("x")).unwrap(), b"x");
+    fs::write(rw.path("y"), b"y").unwrap();
+    assert_eq!(fs::read(ro.path("y")).unwrap(), b"y");
+    assert!(server.export().join("vol1/data/y").exists());
+    let err = fs::write(ro.path("z"), b"z").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(ro.path("x"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    // A missing subdirectory fails clearly instead of mounting.
+    let dir = tempfile::tempdir().unwrap();
+    let err = mount(MountOptions {
+        share: server.share(),
+        subdir: Some("nope".into()),
+        mountpoint: dir.path().to_path_buf(),
+        read_only: false,
+        name: "nope".into(),
+    })
+    .unwrap_err();
+    assert!(matches!(err, MountError::Subdir { .. }), "{err}");
+}
+
+#[test]
+fn unreachable_share_fails_fast() {
+    // No FUSE needed: the connect fails before anything is mounted.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let err = mount(MountOptions {
+        share: format!("127.0.0.1:{port}"),
+        subdir: None,
+        mountpoint: dir.path().to_path_buf(),
+        read_only: false,
+        name: "lost".into(),
+    })
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(matches!(err, MountError::Connect { .. }), "{err}");
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
