@@ -15,35 +15,57 @@ use shoal_nfs::server::{start, Running, ServeOptions};
 struct Server {
     export: tempfile::TempDir,
     running: Option<Running>,
-    rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
+    term: Duration,
 }
 
 impl Server {
     fn start() -> Server {
+        Server::with_term(Duration::from_secs(10))
+    }
+
+    fn with_term(term: Duration) -> Server {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let export = tempfile::tempdir().unwrap();
+        let mut s = Server {
+            export: tempfile::tempdir().unwrap(),
+            running: None,
+            rt: None,
+            term,
+        };
+        s.serve("127.0.0.1:0".parse().unwrap());
+        s
+    }
+
+    fn serve(&mut self, listen: std::net::SocketAddr) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let opts = ServeOptions {
-            export: export.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            lease_term: Duration::from_secs(10),
+            export: self.export.path().to_path_buf(),
+            listen,
+            lease_term: self.term,
         };
-        let running = rt.block_on(start(&opts)).expect("server starts");
-        Server {
-            export,
-            running: Some(running),
-            rt,
-        }
+        self.running = Some(rt.block_on(start(&opts)).expect("server starts"));
+        self.rt = Some(rt);
+    }
+
+    /// Kills the server as a crash would: every task and connection gone at once.
+    fn kill(&mut self) -> std::net::SocketAddr {
+        let addr = self.running.as_ref().unwrap().nfs_addr;
+        drop(self.running.take());
+        self.rt.take().unwrap().shutdown_background();
+        addr
     }
 
     fn share(&self) -> String {
+        if self.running.is_none() {
+            return "127.0.0.1:1".into();
+        }
         self.running.as_ref().unwrap().nfs_addr.to_string()
     }
 
@@ -54,8 +76,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _guard = self.rt.enter();
         drop(self.running.take());
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -410,4 +434,165 @@ fn unreachable_share_fails_fast() {
     assert!(started.elapsed() < Duration::from_secs(6));
     assert!(matches!(err, MountError::Connect { .. }), "{err}");
     assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
+
+#[test]
+fn a_server_crash_fails_calls_and_a_restart_resumes_them() {
+    if !fuse_available() {
+        return;
+    }
+    let mut server = Server::start();
+    let a = Mount::new(&server, "a");
+    fs::write(a.path("f"), b"before").unwrap();
+    let addr = server.kill();
+
+    // A name never looked up needs the server: an I/O error, soon, not a hang.
+    let started = Instant::now();
+    let err = fs::metadata(a.path("unknown")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Same port, same export: node ids are stable, so the kernel's inodes still work.
+    server.serve(addr);
+    assert_eq!(fs::read(a.path("f")).unwrap(), b"before");
+    fs::write(a.path("f"), b"after").unwrap();
+    assert_eq!(fs::read(server.export().join("f")).unwrap(), b"after");
+}
+
+/// Runs `mount` in a child process (this test binary, re-executed) so signals can be sent to
+/// it alone.
+struct ChildMount {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+const CHILD_SHARE: &str = "SHOAL_TEST_CHILD_SHARE";
+const CHILD_MOUNTPOINT: &str = "SHOAL_TEST_CHILD_MOUNTPOINT";
+
+/// Not a test of its own: the body of a child mount (does nothing unless the env says so).
+#[test]
+fn child_mount_helper() {
+    let (Ok(share), Ok(mp)) = (std::env::var(CHILD_SHARE), std::env::var(CHILD_MOUNTPOINT)) else {
+        return;
+    };
+    let r = mount(MountOptions {
+        share,
+        subdir: None,
+        mountpoint: mp.into(),
+        read_only: false,
+        name: "child".into(),
+    });
+    std::process::exit(if r.is_ok() { 0 } else { 3 });
+}
+
+impl ChildMount {
+    fn new(server: &Server) -> ChildMount {
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_mount_helper",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_SHARE, server.share())
+            .env(CHILD_MOUNTPOINT, dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = ChildMount { dir, child };
+        wait_for("child mount", Duration::from_secs(10), || {
+            is_mounted(m.dir.path())
+        });
+        m
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        assert!(self.try_signal(sig), "kill({sig})");
+    }
+
+    fn try_signal(&self, sig: libc::c_int) -> bool {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) == 0 }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for ChildMount {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        self.try_signal(libc::SIGCONT);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_cleanly() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let mut c = ChildMount::new(&server);
+    fs::write(c.path("f"), b"x").unwrap();
+    c.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = c.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "child did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(c.dir.path()));
+}
+
+#[test]
+fn a_frozen_client_does_not_serve_old_bytes_when_thawed() {
+    if !fuse_available() {
+        return;
+    }
+    let term = Duration::from_secs(3);
+    let server = Server::with_term(term);
+    let a = Mount::new(&server, "a");
+    let b = ChildMount::new(&server);
+
+    let old = vec![b'o'; 100_000];
+    let new = vec![b'n'; 100_000];
+    fs::write(a.path("f"), &old).unwrap();
+    // B caches attributes and pages, and keeps the file open across the freeze.
+    assert_eq!(fs::read(b.path("f")).unwrap(), old);
+    let mut held = fs::File::open(b.path("f")).unwrap();
+    let mut buf = Vec::new();
+    held.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, old);
+
+    b.signal(libc::SIGSTOP);
+    // The write waits for B's recall, which B cannot answer: it goes through once B's lease
+    // has run out (about one term).
+    let started = Instant::now();
+    fs::write(a.path("f"), &new).unwrap();
+    let waited = started.elapsed();
+    assert!(waited < term * 2 + Duration::from_secs(2), "{waited:?}");
+    assert!(
+        waited > Duration::from_millis(500),
+        "the write did not wait for the frozen holder ({waited:?})"
+    );
+    b.signal(libc::SIGCONT);
+
+    held.seek(SeekFrom::Start(0)).unwrap();
+    buf.clear();
+    held.read_to_end(&mut buf).unwrap();
+    assert!(buf == new, "open descriptor served old bytes after thaw");
+    assert_eq!(fs::read(b.path("f")).unwrap(), new);
 }
