@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, Attr, Frame, NodeId, Reply, Request};
@@ -97,6 +97,9 @@ struct Conn {
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     dead: AtomicBool,
+    /// Flips to true when the connection is given up; its reader and writer then stop, which
+    /// closes the socket so the server ends the session.
+    closed: watch::Sender<bool>,
     session: Session,
     /// Until when (nanoseconds after `Client::epoch`) cached data may be trusted.
     valid_until: AtomicU64,
@@ -106,6 +109,7 @@ impl Conn {
     fn fail_all(&self) {
         self.dead.store(true, Ordering::SeqCst);
         self.pending.lock().unwrap().clear();
+        self.closed.send_replace(true);
     }
 }
 
@@ -158,7 +162,17 @@ impl Client {
     /// Sends one request and waits for its reply. `Reply::Error` becomes `ClientError::Remote`.
     /// After a lost connection the next call reconnects (a new session, new generation).
     pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
+        match self.call_once(&request).await {
+            // A read that lost its connection is safe to send again on a new one; a change
+            // is not (it may have been applied), so its caller gets the error.
+            Err(ClientError::Lost) if request.is_idempotent() => self.call_once(&request).await,
+            other => other,
+        }
+    }
+
+    async fn call_once(&self, request: &Request) -> Result<Reply, ClientError> {
         let conn = self.connection().await?;
+        let request = request.clone();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().unwrap().insert(id, tx);
@@ -228,6 +242,16 @@ impl Client {
     async fn connection(&self) -> Result<Arc<Conn>, ClientError> {
         let mut slot = self.inner.conn.lock().await;
         if let Some(c) = slot.as_ref() {
+            let now = self.inner.epoch.elapsed().as_nanos() as u64;
+            let lapsed = now
+                > c.valid_until.load(Ordering::SeqCst) + c.session.lease_term.as_nanos() as u64 / 5;
+            if lapsed && !c.dead.load(Ordering::SeqCst) {
+                // Not renewed for longer than the server keeps a lease (this process was
+                // frozen or starved): the server will refuse the session, so start afresh
+                // rather than lose the next call to that refusal.
+                warn!("lease lapsed; opening a new session");
+                c.fail_all();
+            }
             if !c.dead.load(Ordering::SeqCst) {
                 return Ok(c.clone());
             }
@@ -327,6 +351,7 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
         out,
         pending: Mutex::new(HashMap::new()),
         dead: AtomicBool::new(false),
+        closed: watch::channel(false).0,
         session,
         valid_until: AtomicU64::new(0),
     });
@@ -337,8 +362,14 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
 
     // Writer: batches whatever is queued into as few syscalls as possible.
     let wconn = conn.clone();
+    let mut wclosed = conn.closed.subscribe();
     tokio::spawn(async move {
-        while let Some(first) = out_rx.recv().await {
+        loop {
+            let first = tokio::select! {
+                f = out_rx.recv() => f,
+                _ = wclosed.wait_for(|c| *c) => None,
+            };
+            let Some(first) = first else { break };
             let mut buf = first;
             while buf.len() < 1 << 20 {
                 match out_rx.try_recv() {
@@ -356,9 +387,14 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
     // Reader: replies to their callers, recalls to the owner.
     let rconn = conn.clone();
     let recalls = inner.recalls.clone();
+    let mut rclosed = conn.closed.subscribe();
     tokio::spawn(async move {
         loop {
-            match read_frame(&mut rd).await {
+            let frame = tokio::select! {
+                f = read_frame(&mut rd) => f,
+                _ = rclosed.wait_for(|c| *c) => break,
+            };
+            match frame {
                 Ok(Frame::Reply { id, reply }) => {
                     if let Some(tx) = rconn.pending.lock().unwrap().remove(&id) {
                         let _ = tx.send(reply);

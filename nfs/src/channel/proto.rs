@@ -121,6 +121,22 @@ pub enum Request {
     StatFs,
 }
 
+impl Request {
+    /// True for requests that change nothing, which a client may safely send twice.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Request::Resolve { .. }
+                | Request::Lookup { .. }
+                | Request::GetAttr { .. }
+                | Request::Read { .. }
+                | Request::Readlink { .. }
+                | Request::ReadDir { .. }
+                | Request::StatFs
+        )
+    }
+}
+
 /// What the server answers, matched to a request by its call id.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
