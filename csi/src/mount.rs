@@ -194,6 +194,32 @@ impl Mounter {
         Published::decode(&text)
     }
 
+    /// The pid of the `shoal mount` recorded for `target`, if one was recorded.
+    fn recorded_pid(&self, target: &Path) -> Option<u32> {
+        let text = std::fs::read_to_string(self.record_path(target)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("pid=")?.parse().ok())
+            .filter(|pid| *pid != 0)
+    }
+
+    /// Why the mount at `target` no longer works, or `None` if it seems to. The FUSE
+    /// attributes of a mount's root may be cached for a long time, so a plain stat proves
+    /// nothing: the recorded process must be alive, and statfs (never cached) must not
+    /// answer ENOTCONN. A statfs that is merely slow (share unreachable) does not count.
+    async fn broken(&self, target: &Path) -> Option<String> {
+        if let Some(pid) = self.recorded_pid(target) {
+            if !process_alive(pid, target) {
+                return Some(format!("its shoal mount process {pid} is gone"));
+            }
+        }
+        let t = target.to_path_buf();
+        let check = tokio::task::spawn_blocking(move || statfs(&t));
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
     fn write_record(
         &self,
         target: &Path,
@@ -215,51 +241,64 @@ impl Mounter {
         let _ = std::fs::remove_file(self.record_path(target));
     }
 
-    /// Mounts `want.source` at `target` unless it is already mounted there. A mount of the
-    /// same volume with the same read-only flag is success; any other mount is an error.
-    /// A mount of ours whose process has died (the target answers ENOTCONN) is replaced.
-    pub async fn publish(&self, target: &Path, want: &Published) -> Result<(), MountError> {
-        if let Some(m) = find_mount(target).map_err(|source| MountError::Io {
+    /// True if `want` is already mounted at `target` by this plugin and answering. A mount
+    /// of ours whose process has died (the target answers ENOTCONN) is unmounted and false
+    /// returned, so it is mounted afresh; any other mount there is an error.
+    pub async fn is_published(&self, target: &Path, want: &Published) -> Result<bool, MountError> {
+        let Some(m) = find_mount(target).map_err(|source| MountError::Io {
             what: "cannot read the mount table for",
             path: target.to_path_buf(),
             source,
-        })? {
-            let have = self.read_record(target).or_else(|| {
-                // No record (state lost): recognise our own mount by its source.
-                // `shoal mount` names its mounts `shoal:HOST:PORT/SUBDIR`.
-                let ours = m.source == want.source
-                    || m.source.strip_prefix("shoal:") == Some(want.source.as_str());
-                ours.then(|| Published {
-                    read_only: m.read_only(),
-                    ..want.clone()
-                })
-            });
-            match have {
-                Some(have) if have == *want => match std::fs::metadata(target) {
-                    Ok(_) => {
-                        debug!(target = %target.display(), "already published");
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        warn!(target = %target.display(), "published mount is broken ({e}); remounting");
-                        self.unmount(target).await?;
-                    }
-                },
-                Some(have) => {
-                    return Err(MountError::Conflict {
-                        target: target.to_path_buf(),
-                        have,
-                        want: want.clone(),
-                    })
-                }
+        })?
+        else {
+            return Ok(false);
+        };
+        let have = self.read_record(target).or_else(|| {
+            // No record (state lost): recognise our own mount by its source.
+            // `shoal mount` names its mounts `shoal:HOST:PORT/SUBDIR`.
+            let ours = m.source == want.source
+                || m.source.strip_prefix("shoal:") == Some(want.source.as_str());
+            ours.then(|| Published {
+                read_only: m.read_only(),
+                ..want.clone()
+            })
+        });
+        match have {
+            Some(have) if have == *want => match self.broken(target).await {
                 None => {
-                    return Err(MountError::Foreign(
-                        target.to_path_buf(),
-                        format!("{} ({})", m.source, m.fs_type),
-                    ))
+                    debug!(target = %target.display(), "already published");
+                    Ok(true)
                 }
-            }
+                Some(why) => {
+                    warn!(target = %target.display(), "published mount is broken ({why}); remounting");
+                    self.unmount(target).await?;
+                    Ok(false)
+                }
+            },
+            Some(have) => Err(MountError::Conflict {
+                target: target.to_path_buf(),
+                have,
+                want: want.clone(),
+            }),
+            None => Err(MountError::Foreign(
+                target.to_path_buf(),
+                format!("{} ({})", m.source, m.fs_type),
+            )),
         }
+    }
+
+    /// Mounts `want.source` at `target` unless it is already mounted there (see
+    /// [`Mounter::is_published`]).
+    pub async fn publish(&self, target: &Path, want: &Published) -> Result<(), MountError> {
+        if self.is_published(target, want).await? {
+            return Ok(());
+        }
+        self.mount(target, want).await
+    }
+
+    /// Creates `target` if missing and mounts `want.source` there with a detached
+    /// `shoal mount`, waiting up to [`MOUNT_DEADLINE`] for the mount to appear.
+    pub async fn mount(&self, target: &Path, want: &Published) -> Result<(), MountError> {
         std::fs::create_dir_all(target).map_err(|source| MountError::Io {
             what: "cannot create target",
             path: target.to_path_buf(),
@@ -369,6 +408,39 @@ impl Mounter {
             info!(target = %target.display(), "unmounted");
             tokio::time::sleep(POLL).await;
         }
+    }
+}
+
+/// True if `pid` is a live (not zombie) process whose command line names `target`: the
+/// `shoal mount` this plugin started, not a process that reused its pid.
+fn process_alive(pid: u32, target: &Path) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .any(|arg| arg == target.as_os_str().as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// statfs(2) of `path`.
+fn statfs(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path; `buf` is a properly sized out-parameter.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -2,7 +2,7 @@
 //! detached `shoal mount`; NodeUnpublishVolume unmounts it. No staging: a Shoal mount is
 //! cheap, so each target gets its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::mount::{MountError, Mounter, Published};
+use crate::share::Share;
 use crate::volume::{self, Access, CTX_SHARE, CTX_SUBDIR};
 
 /// The node plugin.
@@ -24,6 +25,8 @@ pub struct NodeService {
     /// Targets with a publish or unpublish in progress; a concurrent call on the same target
     /// is answered ABORTED.
     busy: Arc<Mutex<HashSet<PathBuf>>>,
+    /// One channel client per share, to check that a volume exists before mounting it.
+    shares: Mutex<HashMap<String, Arc<Share>>>,
 }
 
 struct Busy {
@@ -44,6 +47,7 @@ impl NodeService {
             default_share,
             mounter,
             busy: Arc::default(),
+            shares: Mutex::default(),
         }
     }
 
@@ -60,12 +64,21 @@ impl NodeService {
         })
     }
 
-    /// The `HOST:PORT/SUBDIR` to mount for a volume.
+    fn share(&self, addr: &str) -> Arc<Share> {
+        self.shares
+            .lock()
+            .unwrap()
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Share::new(addr.to_string())))
+            .clone()
+    }
+
+    /// The share (`HOST:PORT`) and subdirectory to mount for a volume.
     fn source_of(
         &self,
         volume_id: &str,
-        context: &std::collections::HashMap<String, String>,
-    ) -> Result<String, Status> {
+        context: &HashMap<String, String>,
+    ) -> Result<(String, String), Status> {
         let share = match context.get(CTX_SHARE).or(self.default_share.as_ref()) {
             Some(s) => s,
             None => {
@@ -87,7 +100,7 @@ impl NodeService {
         };
         volume::check_subdir(&subdir)
             .map_err(|m| Status::invalid_argument(format!("volume_context: {m}")))?;
-        Ok(format!("{share}/{subdir}"))
+        Ok((share.clone(), subdir))
     }
 }
 
@@ -140,14 +153,35 @@ impl Node for NodeService {
             }
             a => a,
         };
+        let (share, subdir) = self.source_of(&req.volume_id, &req.volume_context)?;
         let want = Published {
-            source: self.source_of(&req.volume_id, &req.volume_context)?,
+            source: format!("{share}/{subdir}"),
             volume_id: req.volume_id.clone(),
             read_only: req.readonly || access.read_only(),
         };
         let _busy = self.claim(&target)?;
+        if self
+            .mounter
+            .is_published(&target, &want)
+            .await
+            .map_err(mount_status)?
+        {
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        // Ask the share first, so a missing volume is NOT_FOUND rather than a failed mount.
+        match self.share(&share).dir_exists(&subdir).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Status::not_found(format!(
+                    "volume {}: {subdir} does not exist on share {share}",
+                    req.volume_id
+                )))
+            }
+            Err(e) if e.unreachable() => return Err(Status::unavailable(e.to_string())),
+            Err(e) => return Err(Status::internal(e.to_string())),
+        }
         self.mounter
-            .publish(&target, &want)
+            .mount(&target, &want)
             .await
             .map_err(mount_status)?;
         info!(volume = %req.volume_id, target = %target.display(), read_only = want.read_only, "NodePublishVolume");

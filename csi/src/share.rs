@@ -229,6 +229,22 @@ impl Share {
             .is_some_and(|a| a.kind == FileKind::Dir))
     }
 
+    /// True if `path` (relative to the export's root) is a directory on the share: the
+    /// node's check that a volume exists before mounting it.
+    pub async fn dir_exists(&self, path: &str) -> Result<bool, ShareError> {
+        match self
+            .call(Request::Resolve {
+                path: path.to_string(),
+            })
+            .await
+        {
+            Ok(Reply::Attr(a)) => Ok(a.kind == FileKind::Dir),
+            Ok(other) => Err(self.unexpected("Resolve", other)),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The capacity recorded when volume `id` was created, if a record exists.
     pub async fn read_capacity(&self, id: &str) -> Result<Option<i64>, ShareError> {
         let Some(vols) = self.volumes_dir(false).await? else {

@@ -96,27 +96,61 @@ fn recorded_pid(p: &Plugin) -> u32 {
         .unwrap()
 }
 
+/// A share with `volumes` present on disk, and a plugin using the fake `shoal mount`.
+struct FakeEnv {
+    export: tempfile::TempDir,
+    _server: shoal_nfs::server::Running,
+    _bin: tempfile::TempDir,
+    share: String,
+    p: Plugin,
+}
+
+async fn fake_env(volumes: &[&str]) -> FakeEnv {
+    let export = tempfile::tempdir().unwrap();
+    for v in volumes {
+        std::fs::create_dir_all(export.path().join("volumes").join(v)).unwrap();
+    }
+    let server = shoal_nfs::server::start(&shoal_nfs::server::ServeOptions {
+        export: export.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        lease_term: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let p = Plugin::start(None, fake_shoal(bin.path())).await;
+    FakeEnv {
+        export,
+        share: server.nfs_addr.to_string(),
+        _server: server,
+        _bin: bin,
+        p,
+    }
+}
+
 #[tokio::test]
 async fn fake_publish_unpublish() {
     if !is_root() {
         return;
     }
-    let bin_dir = tempfile::tempdir().unwrap();
-    let p = Plugin::start(None, fake_shoal(bin_dir.path())).await;
+    let env = fake_env(&["pvc-1", "pvc-2"]).await;
+    let (p, share) = (&env.p, env.share.as_str());
     let mut n = p.node();
     let target = p.dir.path().join("pods/uid/volumes/pvc-1/mount");
-    let share = "127.0.0.1:2049";
 
     n.node_publish_volume(publish_req("pvc-1", share, &target, false))
         .await
         .unwrap();
     let m = mounts_at(&target);
     assert_eq!(m.len(), 1, "{m:?}");
-    assert!(m[0].contains("shoal:127.0.0.1:2049/volumes/pvc-1"), "{m:?}");
+    assert!(
+        m[0].contains(&format!("shoal:{share}/volumes/pvc-1")),
+        "{m:?}"
+    );
     assert!(m[0].split(' ').nth(5).unwrap().starts_with("rw"), "{m:?}");
 
     // The mount process leads a session of its own.
-    let pid = recorded_pid(&p);
+    let pid = recorded_pid(p);
     assert_eq!(session_of(pid), Some(pid));
 
     // Idempotent: the same publish again is OK and mounts nothing more.
@@ -157,7 +191,7 @@ async fn fake_publish_unpublish() {
     n.node_unpublish_volume(unpublish_req("pvc-1", &target))
         .await
         .unwrap();
-    p.stop().await;
+    env.p.stop().await;
 }
 
 #[tokio::test]
@@ -165,10 +199,9 @@ async fn fake_read_only_and_reader_modes() {
     if !is_root() {
         return;
     }
-    let bin_dir = tempfile::tempdir().unwrap();
-    let p = Plugin::start(None, fake_shoal(bin_dir.path())).await;
+    let env = fake_env(&["pvc-1"]).await;
+    let (p, share) = (&env.p, env.share.as_str());
     let mut n = p.node();
-    let share = "127.0.0.1:2049";
 
     let t1 = p.dir.path().join("t1");
     n.node_publish_volume(publish_req("pvc-1", share, &t1, true))
@@ -190,7 +223,7 @@ async fn fake_read_only_and_reader_modes() {
             .unwrap();
         assert!(mounts_at(t).is_empty());
     }
-    p.stop().await;
+    env.p.stop().await;
 }
 
 #[tokio::test]
@@ -198,18 +231,37 @@ async fn fake_failed_mount_reports_its_stderr() {
     if !is_root() {
         return;
     }
-    let bin_dir = tempfile::tempdir().unwrap();
-    let p = Plugin::start(None, fake_shoal(bin_dir.path())).await;
+    let env = fake_env(&["pvc-fail"]).await;
+    let (p, share) = (&env.p, env.share.as_str());
     let target = p.dir.path().join("t");
     assert_status(
         p.node()
-            .node_publish_volume(publish_req("pvc-fail", "127.0.0.1:2049", &target, false))
+            .node_publish_volume(publish_req("pvc-fail", share, &target, false))
             .await,
         Code::Internal,
-        "cannot reach share 127.0.0.1:2049/volumes/pvc-fail",
+        &format!("cannot reach share {share}/volumes/pvc-fail"),
     );
     assert!(mounts_at(&target).is_empty());
-    p.stop().await;
+
+    // A volume the share does not have: NOT_FOUND, and nothing is spawned or created.
+    let target = p.dir.path().join("t2");
+    assert_status(
+        p.node()
+            .node_publish_volume(publish_req("pvc-gone", share, &target, false))
+            .await,
+        Code::NotFound,
+        "pvc-gone",
+    );
+    assert!(!target.exists());
+    // An unreachable share: UNAVAILABLE.
+    assert_status(
+        p.node()
+            .node_publish_volume(publish_req("pvc-fail", "127.0.0.1:1", &target, false))
+            .await,
+        Code::Unavailable,
+        "127.0.0.1:1",
+    );
+    assert!(env.export.path().join("volumes/pvc-fail").is_dir());
 }
 
 #[tokio::test]
@@ -217,8 +269,8 @@ async fn foreign_mount_at_target_is_not_ours() {
     if !is_root() {
         return;
     }
-    let bin_dir = tempfile::tempdir().unwrap();
-    let p = Plugin::start(None, fake_shoal(bin_dir.path())).await;
+    let env = fake_env(&["pvc-1"]).await;
+    let (p, share) = (&env.p, env.share.as_str());
     let target = p.dir.path().join("t");
     std::fs::create_dir(&target).unwrap();
     let st = std::process::Command::new("mount")
@@ -228,7 +280,7 @@ async fn foreign_mount_at_target_is_not_ours() {
     assert!(st.success());
     assert_status(
         p.node()
-            .node_publish_volume(publish_req("pvc-1", "127.0.0.1:2049", &target, false))
+            .node_publish_volume(publish_req("pvc-1", share, &target, false))
             .await,
         Code::AlreadyExists,
         "other",
@@ -239,7 +291,7 @@ async fn foreign_mount_at_target_is_not_ours() {
         .await
         .unwrap();
     assert!(mounts_at(&target).is_empty());
-    p.stop().await;
+    env.p.stop().await;
 }
 
 /// The real `shoal` binary, if it has been built.
@@ -318,6 +370,41 @@ async fn real_shoal_mount() {
     .await
     .unwrap();
     assert_eq!(mounts_at(&rw).len(), 1);
+
+    // The mount process dies (the target answers ENOTCONN, or is auto-unmounted): publishing
+    // again remounts.
+    let records = p.dir.path().join("shoal-csi/mounts");
+    let pid: i32 = std::fs::read_dir(records)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .find(|t| t.contains(&format!("target={}\n", rw.display())))
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("pid=")?.parse().ok()))
+        .unwrap();
+    // SAFETY: plain kill(2) of the mount process this test started through the plugin.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    for _ in 0..100 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: rw.display().to_string(),
+        volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter)),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(mounts_at(&rw).len(), 1);
+    let rw2 = rw.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(std::fs::read(rw2.join("hello")).unwrap(), b"from a pod");
+    })
+    .await
+    .unwrap();
 
     for target in [&rw, &ro] {
         n.node_unpublish_volume(unpublish_req(&vol.volume_id, target))
