@@ -166,6 +166,15 @@ pub fn mount(opts: MountOptions) -> Result<(), MountError> {
             MountOption::RW
         },
     ];
+    if let Some(helper) = find_in_path("fusermount3") {
+        // fusermount3 then stays behind and unmounts if this process dies without doing it
+        // (SIGKILL, crash), so a dead client never leaves a "transport endpoint is not
+        // connected" mount for the pod.
+        debug!(helper = %helper.display(), "mounting with auto_unmount");
+        config.mount_options.push(MountOption::AutoUnmount);
+    } else {
+        warn!("fusermount3 not found: a killed client would leave its mount behind");
+    }
     config.acl = SessionACL::All;
     let filesystem = fs::ShoalFs {
         shared: shared.clone(),
@@ -271,6 +280,14 @@ fn wait_end(
             }
         }
     }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Lazily detaches the mount at `path` (MNT_DETACH): gone from the namespace at once, torn

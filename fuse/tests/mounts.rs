@@ -596,3 +596,22 @@ fn a_frozen_client_does_not_serve_old_bytes_when_thawed() {
     assert!(buf == new, "open descriptor served old bytes after thaw");
     assert_eq!(fs::read(b.path("f")).unwrap(), new);
 }
+
+#[test]
+fn a_killed_client_leaves_no_mount_behind() {
+    if !fuse_available() {
+        return;
+    }
+    if !Path::new("/usr/bin/fusermount3").exists() && !Path::new("/bin/fusermount3").exists() {
+        eprintln!("skipping: needs fusermount3 (auto_unmount)");
+        return;
+    }
+    let server = Server::start();
+    let mut c = ChildMount::new(&server);
+    fs::write(c.path("f"), b"x").unwrap();
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    wait_for("auto unmount", Duration::from_secs(10), || {
+        !is_mounted(c.dir.path())
+    });
+}
