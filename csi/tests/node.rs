@@ -96,6 +96,20 @@ fn recorded_pid(p: &Plugin) -> u32 {
         .unwrap()
 }
 
+/// Lazily unmounts its paths when dropped, so a failing test leaves no mounts behind.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Ok(c) = std::ffi::CString::new(p.to_str().unwrap()) {
+                // SAFETY: `c` is a valid path; unmounting something not mounted just fails.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
 /// A share with `volumes` present on disk, and a plugin using the fake `shoal mount`.
 struct FakeEnv {
     export: tempfile::TempDir,
@@ -137,6 +151,7 @@ async fn fake_publish_unpublish() {
     let (p, share) = (&env.p, env.share.as_str());
     let mut n = p.node();
     let target = p.dir.path().join("pods/uid/volumes/pvc-1/mount");
+    let _cleanup = Cleanup(vec![target.clone()]);
 
     n.node_publish_volume(publish_req("pvc-1", share, &target, false))
         .await
@@ -204,6 +219,7 @@ async fn fake_read_only_and_reader_modes() {
     let mut n = p.node();
 
     let t1 = p.dir.path().join("t1");
+    let _cleanup = Cleanup(vec![t1.clone(), p.dir.path().join("t2")]);
     n.node_publish_volume(publish_req("pvc-1", share, &t1, true))
         .await
         .unwrap();
@@ -272,6 +288,7 @@ async fn foreign_mount_at_target_is_not_ours() {
     let env = fake_env(&["pvc-1"]).await;
     let (p, share) = (&env.p, env.share.as_str());
     let target = p.dir.path().join("t");
+    let _cleanup = Cleanup(vec![target.clone()]);
     std::fs::create_dir(&target).unwrap();
     let st = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "other", target.to_str().unwrap()])
@@ -334,6 +351,7 @@ async fn real_shoal_mount() {
     let mut n = p.node();
     let rw = p.dir.path().join("rw");
     let ro = p.dir.path().join("ro");
+    let _cleanup = Cleanup(vec![rw.clone(), ro.clone()]);
     for (target, readonly) in [(&rw, false), (&ro, true)] {
         n.node_publish_volume(NodePublishVolumeRequest {
             volume_id: vol.volume_id.clone(),
