@@ -4,8 +4,11 @@
 //! volume's attributes, errno values to `nfsstat3`. NFSv3 clients hold no leases; their
 //! changes go through the share like any other, so FUSE clients' leases are recalled first.
 //!
-//! A handle is `SHL1` + the export's fsid + the node id: 20 bytes, the same after a restart
-//! on the same data. A handle from another export or of another shape is refused.
+//! A handle is `SHL2` + the export's fsid + the node id + the node's generation (its birth
+//! time): 28 bytes, the same after a restart on the same data. A handle from another export
+//! or of another shape is refused; one whose generation differs from the node's now (the
+//! inode number was freed and reused by a new file) is stale. On a filesystem without birth
+//! times the generation is 0 and reuse cannot be detected.
 
 use std::sync::Arc;
 
@@ -21,7 +24,15 @@ use crate::types::{Attr, CreateMode, FileKind, SetAttr, SetTime, Time};
 use crate::volume::VolumeError;
 
 /// Magic prefix of Shoal's NFSv3 handles (and their format version).
-const HANDLE_MAGIC: &[u8; 4] = b"SHL1";
+const HANDLE_MAGIC: &[u8; 4] = b"SHL2";
+/// Length of a handle: magic, fsid, node id, generation.
+const HANDLE_LEN: usize = 4 + 8 + 8 + 8;
+/// What `fh_to_id` answers for a well-formed handle that names no node of this export
+/// (another export's, or an earlier file's whose inode number was reused). Inode 0 names no
+/// file, so every operation on it fails STALE in the volume. Failing in `fh_to_id` itself
+/// would be simpler, but nfsserve 0.11 then sends SETATTR and READLINK replies without their
+/// attribute fields, which strict clients cannot decode.
+const STALE_ID: fileid3 = 0;
 
 /// The NFSv3 view of a share.
 pub struct Nfs3 {
@@ -358,23 +369,41 @@ impl NFSFileSystem for Nfs3 {
     }
 
     fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
-        let mut data = Vec::with_capacity(20);
+        let volume = &self.share.volume;
+        // A node that vanished since the caller saw it gets generation 0 (not checked).
+        let generation = volume.generation(id).unwrap_or(0);
+        let mut data = Vec::with_capacity(HANDLE_LEN);
         data.extend_from_slice(HANDLE_MAGIC);
-        data.extend_from_slice(&self.share.volume.fsid().to_be_bytes());
+        data.extend_from_slice(&volume.fsid().to_be_bytes());
         data.extend_from_slice(&id.to_be_bytes());
+        data.extend_from_slice(&generation.to_be_bytes());
         nfs_fh3 { data }
     }
 
     fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
         let d = &fh.data;
-        if d.len() != 20 || &d[..4] != HANDLE_MAGIC {
+        if d.len() != HANDLE_LEN || &d[..4] != HANDLE_MAGIC {
             return Err(nfsstat3::NFS3ERR_BADHANDLE);
         }
-        let fsid = u64::from_be_bytes(d[4..12].try_into().expect("8 bytes"));
-        if fsid != self.share.volume.fsid() {
-            return Err(nfsstat3::NFS3ERR_STALE);
+        let field = |at: usize| u64::from_be_bytes(d[at..at + 8].try_into().expect("8 bytes"));
+        let (fsid, id, generation) = (field(4), field(12), field(20));
+        let volume = &self.share.volume;
+        if fsid != volume.fsid() {
+            tracing::debug!(fsid, "nfs3: handle of another export");
+            return Ok(STALE_ID);
         }
-        Ok(u64::from_be_bytes(d[12..20].try_into().expect("8 bytes")))
+        if generation != 0 {
+            match volume.generation(id) {
+                Ok(now) if now == generation => {}
+                Ok(_) => {
+                    tracing::debug!(id, "nfs3: handle of an earlier file with the same inode");
+                    return Ok(STALE_ID);
+                }
+                // Gone: let the operation itself answer (STALE) with a well-formed reply.
+                Err(_) => return Ok(STALE_ID),
+            }
+        }
+        Ok(id)
     }
 
     fn serverid(&self) -> [u8; 8] {

@@ -17,7 +17,9 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tracing::{debug, info};
@@ -69,6 +71,10 @@ struct Listing {
     entries: Arc<Vec<(NodeId, OsString)>>,
 }
 
+/// After a walk of the whole export that did not find its node, how long other unknown
+/// nodes are answered stale without walking again.
+const WALK_COOLDOWN: Duration = Duration::from_secs(2);
+
 /// Most open files kept for reuse by read and write.
 const OPEN_FILES_MAX: usize = 512;
 
@@ -86,8 +92,11 @@ pub struct Volume {
     listings: DashMap<NodeId, Listing>,
     /// Open files by node id, reused across reads and writes.
     open_files: DashMap<NodeId, Arc<File>>,
-    /// Serializes the full walk that finds nodes unknown after a restart.
-    walk: Mutex<()>,
+    /// Serializes the full walk that finds nodes unknown after a restart, and remembers when
+    /// the last walk went through the whole export without finding its node.
+    walk: Mutex<Option<Instant>>,
+    /// Walks that covered the whole export (for tests and diagnostics).
+    full_walks: AtomicU64,
 }
 
 impl Volume {
@@ -113,7 +122,8 @@ impl Volume {
             places: DashMap::new(),
             listings: DashMap::new(),
             open_files: DashMap::new(),
-            walk: Mutex::new(()),
+            walk: Mutex::new(None),
+            full_walks: AtomicU64::new(0),
         })
     }
 
@@ -132,6 +142,11 @@ impl Volume {
         self.dev
     }
 
+    /// Walks of the whole export made so far to find unknown nodes.
+    pub fn full_walks(&self) -> u64 {
+        self.full_walks.load(Ordering::Relaxed)
+    }
+
     /// Number of nodes whose place the volume remembers.
     pub fn known_nodes(&self) -> usize {
         self.places.len()
@@ -142,6 +157,10 @@ impl Volume {
     /// The path of `node`, checked to still be that node. Finds nodes unknown to the table
     /// (a restart, a change made directly on disk) by walking the export once.
     fn path(&self, node: NodeId) -> VolResult<(PathBuf, fs::Metadata)> {
+        if node == 0 {
+            // Inode 0 names no file: front ends use it for handles that name nothing.
+            return Err(VolumeError::stale(node));
+        }
         if let Some(found) = self.try_path(node) {
             return Ok(found);
         }
@@ -174,10 +193,19 @@ impl Volume {
     }
 
     /// Walks the export, recording the place of every node, until `node` is found.
+    ///
+    /// A walk that goes through the whole export without finding the node has recorded every
+    /// node there is, so for `WALK_COOLDOWN` after it any other unknown node is answered
+    /// stale without walking again: forged or long-gone ids cost one walk per cooldown, not
+    /// one per call. Only the walk visits directories, and only below the export root, so a
+    /// node outside the export is never found.
     fn rediscover(&self, node: NodeId) -> VolResult<()> {
-        let _walking = self.walk.lock().unwrap();
+        let mut last_full = self.walk.lock().unwrap();
         if self.try_path(node).is_some() {
             return Ok(());
+        }
+        if last_full.is_some_and(|at| at.elapsed() < WALK_COOLDOWN) {
+            return Err(VolumeError::stale(node));
         }
         debug!(node, "walking the export to find a node");
         let mut stack = vec![(self.root_id, self.root.clone())];
@@ -206,7 +234,16 @@ impl Volume {
                 }
             }
         }
+        *last_full = Some(Instant::now());
+        self.full_walks.fetch_add(1, Ordering::Relaxed);
         Err(VolumeError::stale(node))
+    }
+
+    /// The generation of `node`: its birth time in nanoseconds since the epoch, or 0 where
+    /// the filesystem keeps no birth time. An inode number reused by a new file comes with a
+    /// new birth time, so a handle carrying the generation of the old file can be told stale.
+    pub fn generation(&self, node: NodeId) -> VolResult<u64> {
+        Ok(generation_of(&self.path(node)?.1))
     }
 
     /// The path of directory `dir`.
@@ -634,6 +671,15 @@ pub fn check_name(name: &[u8]) -> VolResult<()> {
 
 fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
+}
+
+/// See [`Volume::generation`]. `std` takes metadata with statx, which reports the birth
+/// time where the filesystem has one (ext4, xfs, btrfs, tmpfs).
+fn generation_of(m: &fs::Metadata) -> u64 {
+    m.created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn attr_of(m: &fs::Metadata) -> Attr {
