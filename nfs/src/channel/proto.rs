@@ -119,6 +119,8 @@ pub enum Request {
     },
     /// Reply: `FsStat`.
     StatFs,
+    /// The share's lease counters. Reply: `Counters`.
+    Counters,
 }
 
 impl Request {
@@ -133,6 +135,7 @@ impl Request {
                 | Request::Readlink { .. }
                 | Request::ReadDir { .. }
                 | Request::StatFs
+                | Request::Counters
         )
     }
 }
@@ -162,11 +165,27 @@ pub enum Reply {
         end: bool,
     },
     FsStat(FsStat),
+    Counters(Counters),
     /// The call failed; `errno` is a Linux errno value (ENOENT, EEXIST, ESTALE, ...).
     Error {
         errno: i32,
         message: String,
     },
+}
+
+/// The share's lease counters, as `shoal stats` shows them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub sessions: u64,
+    pub leases_held: u64,
+    pub recalls_sent: u64,
+    pub recalls_acked: u64,
+    /// Recalls that ended because the holder's lease ran out instead of an ack.
+    pub recalls_expired: u64,
+    pub sessions_revoked: u64,
+    /// Recall round trip (sent to acked), median and 99th percentile, in microseconds.
+    pub recall_rtt_median_us: Option<u64>,
+    pub recall_rtt_p99_us: Option<u64>,
 }
 
 /// The unit on the wire, in either direction.

@@ -240,6 +240,20 @@ async fn call(
             );
         }
         Request::StatFs => reply_of(share.volume.statfs(), Reply::FsStat),
+        Request::Counters => {
+            let s = share.leases.stats();
+            let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
+            Reply::Counters(proto::Counters {
+                sessions: s.sessions as u64,
+                leases_held: s.leases_held as u64,
+                recalls_sent: s.recalls_sent,
+                recalls_acked: s.recalls_acked,
+                recalls_expired: s.recalls_expired,
+                sessions_revoked: s.sessions_revoked,
+                recall_rtt_median_us: us(s.recall_rtt_median),
+                recall_rtt_p99_us: us(s.recall_rtt_p99),
+            })
+        }
         Request::Fsync { node } => reply_of(share.volume.fsync(node), |_| Reply::Ok),
         Request::Write { node, offset, data } => {
             share.leases.grant(session.id, &[node]);
