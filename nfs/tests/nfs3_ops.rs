@@ -322,7 +322,7 @@ async fn readdirplus_pages_a_large_directory() {
     let mut page_no = 0;
     loop {
         let (page, eof, v) = c
-            .readdirplus_page(&d, cookie, verf, 16 * 1024)
+            .readdirplus_page(&d, cookie, verf, 64 * 1024)
             .await
             .unwrap();
         verf = v;
@@ -335,8 +335,12 @@ async fn readdirplus_pages_a_large_directory() {
         if eof {
             break;
         }
-        // Between pages: remove one seen and one unseen entry, add two new ones.
+        // Between every fourth page: remove one seen and one unseen entry, add two new ones.
+        // (Each change makes the next page re-read the whole directory: keep it fast.)
         page_no += 1;
+        if page_no % 4 != 1 {
+            continue;
+        }
         let seen_one = format!("file-{:05}", page_no * 7 % N);
         let unseen_one = format!("file-{:05}", (N - 1 - page_no * 13 % N) % N);
         for n in [&seen_one, &unseen_one] {
@@ -349,7 +353,7 @@ async fn readdirplus_pages_a_large_directory() {
         }
         assert!(page_no < 10_000, "the listing ends");
     }
-    assert!(page_no > 10, "small pages: {page_no}");
+    assert!(page_no > 20, "small pages: {page_no}");
     for (n, count) in &seen {
         assert_eq!(
             *count,
@@ -524,4 +528,29 @@ async fn two_independent_clients_agree() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"written by nfs3_client\n");
+}
+
+/// After `Running::shutdown`, connected clients are cut off: nothing is served by a server
+/// that was told to stop (its volume may be handed to the next one).
+///
+/// Fails today: `shutdown` aborts the accept task, but nfsserve spawns each connection's
+/// task itself, out of `Running`'s reach, so old connections keep being served.
+#[ignore = "server.rs: nfsserve's connection tasks outlive Running::shutdown"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_client_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = serve(dir.path()).await;
+    let mut c = Client::mount(srv.nfs_addr).await;
+    let root = c.root.clone();
+    c.getattr(&root).await.unwrap();
+    srv.shutdown();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.conn.getattr(&nfs3::GETATTR3args { object: root }),
+    )
+    .await;
+    assert!(
+        !matches!(answered, Ok(Ok(_))),
+        "a stopped server still answers an old connection"
+    );
 }

@@ -22,6 +22,7 @@ use nfs3_client::{Nfs3Connection, Nfs3ConnectionBuilder};
 use shoal_nfs::server::{start, Running, ServeOptions};
 use tokio::net::TcpStream;
 
+#[allow(unused_imports)]
 pub use nfs3_client::nfs3_types::nfs3;
 
 /// Starts a server on `dir`; port 0 picks a free one. Retries a busy fixed port for a few
@@ -399,7 +400,7 @@ impl Client {
         let mut cookie = 0;
         let mut verf = cookieverf3::default();
         loop {
-            let (page, eof, v) = self.readdirplus_page(dir, cookie, verf, 16 * 1024).await?;
+            let (page, eof, v) = self.readdirplus_page(dir, cookie, verf, 64 * 1024).await?;
             verf = v;
             if let Some(last) = page.last() {
                 cookie = last.cookie;
