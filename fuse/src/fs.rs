@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    TimeOrNow, WriteFlags,
 };
 use shoal_nfs::channel::client::Client;
 use shoal_nfs::channel::proto::{
@@ -1082,6 +1082,25 @@ impl Filesystem for ShoalFs {
             }
             reply.ok();
         });
+    }
+
+    // Extended attributes are not shared (the channel has no calls for them). ENOSYS, said
+    // quietly: the kernel then stops asking for the rest of the mount, where the default
+    // implementation would log a warning first (the kernel asks for security.capability on
+    // the first write of every mount).
+    fn getxattr(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &fuser::Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
