@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -82,6 +83,9 @@ const OPEN_FILES_MAX: usize = 512;
 pub struct Volume {
     /// The export root, canonical.
     root: PathBuf,
+    /// The export root, open: files are opened relative to it with `openat2`, so no path
+    /// leaves the export even if the tree changes between a check and the open.
+    root_dir: File,
     /// The root's inode number: node id of the export.
     root_id: NodeId,
     /// The device of the export; nodes on other devices (mounts inside it) are not exported.
@@ -114,9 +118,15 @@ impl Volume {
             ));
         }
         fs::read_dir(&canon).map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
+        let root_dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&canon)
+            .map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
         info!(export = %canon.display(), "volume opened");
         Ok(Volume {
             root: canon,
+            root_dir,
             root_id: meta.ino(),
             dev: meta.dev(),
             places: DashMap::new(),
@@ -170,7 +180,12 @@ impl Volume {
 
     fn try_path(&self, node: NodeId) -> Option<(PathBuf, fs::Metadata)> {
         let path = self.path_from_table(node)?;
-        let meta = fs::symlink_metadata(&path).ok()?;
+        // Resolved beneath the root with no symlink anywhere on the way: a directory of the
+        // path replaced by a symlink (even to the same inode, moved out) makes the path fail.
+        let meta = self
+            .open_beneath(&path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .and_then(|f| f.metadata())
+            .ok()?;
         (meta.ino() == node && meta.dev() == self.dev).then_some((path, meta))
     }
 
@@ -477,16 +492,13 @@ impl Volume {
     /// only to a new file); `Guarded` fails with EEXIST.
     pub fn create(&self, dir: NodeId, name: &[u8], mode: u32, how: CreateMode) -> VolResult<Attr> {
         let path = self.child_path(dir, name)?;
-        let mut opts = OpenOptions::new();
-        opts.write(true)
-            .mode(mode & 0o7777)
-            .custom_flags(libc::O_NOFOLLOW);
-        match how {
-            CreateMode::Guarded => opts.create_new(true),
-            CreateMode::Unchecked => opts.create(true),
+        let exclusive = match how {
+            CreateMode::Guarded => libc::O_EXCL,
+            CreateMode::Unchecked => 0,
         };
-        let file = opts
-            .open(&path)
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | exclusive;
+        let file = self
+            .open_beneath(&path, flags, mode & 0o7777)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
         let meta = file
             .metadata()
@@ -612,18 +624,15 @@ impl Volume {
                 format!("node {node} is not a regular file"),
             ));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .or_else(|_| {
-                OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-            })
+        let file = self
+            .open_beneath(&path, libc::O_RDWR | libc::O_NOFOLLOW, 0)
+            .or_else(|_| self.open_beneath(&path, libc::O_RDONLY | libc::O_NOFOLLOW, 0))
             .map_err(|e| VolumeError::io("open", e))?;
+        // The path was checked before the open; make sure the open found the same node.
+        let opened = file.metadata().map_err(|e| VolumeError::io("open", e))?;
+        if opened.ino() != node || opened.dev() != self.dev {
+            return Err(VolumeError::stale(node));
+        }
         let file = Arc::new(file);
         if self.open_files.len() >= OPEN_FILES_MAX {
             // Evict an arbitrary half: cheap, and reopening costs one open(2).
@@ -641,6 +650,61 @@ impl Volume {
         Ok(file)
     }
 
+    /// Opens `path`, a path inside the export, relative to the export root with `openat2`:
+    /// the kernel refuses to follow any symlink on the way (also in the middle of the path),
+    /// to cross a mount, or to leave the root, whatever was swapped in since `path` was
+    /// checked. Kernels before 5.6 have no `openat2`; there the path is opened as it is,
+    /// with `O_NOFOLLOW` guarding the last component only.
+    fn open_beneath(&self, path: &Path, flags: i32, mode: u32) -> io::Result<File> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let c = CString::new(rel.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let how = OpenHow {
+            flags: (flags | libc::O_CLOEXEC) as u64,
+            mode: u64::from(mode),
+            resolve: libc::RESOLVE_BENEATH
+                | libc::RESOLVE_NO_SYMLINKS
+                | libc::RESOLVE_NO_MAGICLINKS
+                | libc::RESOLVE_NO_XDEV,
+        };
+        // SAFETY: openat2 reads a NUL-terminated path (`c`, alive for the call) and an
+        // `open_how` of the size passed (`how`, #[repr(C)] with the kernel's layout, alive
+        // for the call); it returns a new descriptor or -1 and touches no other memory.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root_dir.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: `fd` is a descriptor the kernel just opened for us and nothing else
+            // owns; the File takes ownership and closes it once.
+            return Ok(unsafe { File::from_raw_fd(fd as i32) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(err);
+        }
+        let mut opts = OpenOptions::new();
+        opts.custom_flags(flags & !(libc::O_ACCMODE)).mode(mode);
+        match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => opts.read(true),
+            libc::O_WRONLY => opts.write(true),
+            _ => opts.read(true).write(true),
+        };
+        opts.open(path)
+    }
+
     /// Node ids of every entry the volume remembers under `dir` (for tests and diagnostics).
     pub fn remembered_children(&self, dir: NodeId) -> HashMap<OsString, NodeId> {
         self.places
@@ -649,6 +713,14 @@ impl Volume {
             .map(|p| (p.name.clone(), *p.key()))
             .collect()
     }
+}
+
+/// `struct open_how` of linux/openat2.h (libc's is non-exhaustive, so not constructible).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
 }
 
 /// A name must be one path component: not empty, not `.` or `..`, no `/` or NUL, at most 255 bytes.

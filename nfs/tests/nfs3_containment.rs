@@ -337,3 +337,33 @@ async fn swapping_a_directory_for_a_symlink_never_escapes() {
     assert!(i > 20, "the race ran ({i} rounds)");
     assert_eq!(snapshot(&t), before);
 }
+
+/// A directory the server knows is moved out of the export on disk and a symlink to it put
+/// in its place: the files it held keep their inode numbers, but are outside now, and the
+/// server's remembered paths lead through the symlink. Nothing there may be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_moved_out_and_symlinked_back_is_out_of_reach() {
+    let t = tree();
+    std::fs::write(t.export.join("d/file"), b"was inside").unwrap();
+    let srv = serve(&t.export).await;
+    let mut c = Client::mount(srv.nfs_addr).await;
+    let d = c.walk("d").await.unwrap();
+    let (f, _) = c.lookup(&d, b"file").await.unwrap();
+
+    let moved = t.outside.join("d-moved");
+    std::fs::rename(t.export.join("d"), &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, t.export.join("d")).unwrap();
+    let before = std::fs::metadata(moved.join("file")).unwrap();
+
+    assert!(c.read(&f, 0, 100).await.is_err(), "read");
+    assert!(c.write(&f, 0, b"pwned").await.is_err(), "write");
+    assert!(c.setattr(&f, sattr_mode(0o777)).await.is_err(), "chmod");
+    assert!(c.setattr(&f, sattr_size(0)).await.is_err(), "truncate");
+    assert!(c.getattr(&f).await.is_err(), "getattr");
+    assert!(c.create_file(&d, b"planted").await.is_err(), "create");
+    assert!(c.lookup(&d, b"file").await.is_err(), "lookup");
+    let after = std::fs::metadata(moved.join("file")).unwrap();
+    assert_eq!(std::fs::read(moved.join("file")).unwrap(), b"was inside");
+    assert_eq!(before.mode(), after.mode());
+    assert!(!moved.join("planted").exists());
+}
