@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::channel::client::channel_port;
 use crate::lease::LeaseTable;
@@ -51,14 +52,15 @@ pub struct Running {
     pub channel_addr: SocketAddr,
     pub share: Arc<Share>,
     tasks: Vec<JoinHandle<()>>,
+    /// The runtime nfsserve runs on. nfsserve spawns a task per connection that nothing else
+    /// can reach; shutting this runtime down is what ends those connections.
+    nfs_runtime: Option<Runtime>,
 }
 
 impl Running {
     /// Stops accepting and drops every connection.
     pub fn shutdown(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        drop(self);
     }
 }
 
@@ -66,6 +68,40 @@ impl Drop for Running {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(rt) = self.nfs_runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// How many worker threads serve NFSv3 connections.
+const NFS_WORKERS: usize = 2;
+
+/// Binds nfsserve's listener on a runtime of its own.
+async fn bind_nfs(
+    rt: &Runtime,
+    addr: SocketAddr,
+    share: Arc<Share>,
+) -> std::io::Result<NFSTcpListener<Nfs3>> {
+    rt.spawn(async move { NFSTcpListener::bind(&addr.to_string(), Nfs3::new(share)).await })
+        .await
+        .map_err(|e| std::io::Error::other(format!("binding NFS listener: {e}")))?
+}
+
+/// Runs nfsserve's accept loop for ever: it panics on a connection reset before it could
+/// read the peer's address, and returns on an accept error (out of descriptors); either way
+/// the loop is started again rather than leaving the port dead.
+async fn accept_nfs_forever(nfs: Arc<NFSTcpListener<Nfs3>>) {
+    loop {
+        let l = nfs.clone();
+        match tokio::spawn(async move { l.handle_forever().await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!("NFS accept failed: {e}; accepting again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => warn!("NFS accept loop stopped ({e}); accepting again"),
         }
     }
 }
@@ -78,21 +114,31 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, ServeError> {
     let attempts = if opts.listen.port() == 0 { 20 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let nfs =
-            match NFSTcpListener::bind(&opts.listen.to_string(), Nfs3::new(share.clone())).await {
-                Ok(l) => l,
-                Err(source) => {
-                    return Err(ServeError::Bind {
-                        addr: opts.listen,
-                        source,
-                    })
-                }
-            };
+        let nfs_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(NFS_WORKERS)
+            .thread_name("shoal-nfs3")
+            .enable_all()
+            .build()
+            .map_err(|source| ServeError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let nfs = match bind_nfs(&nfs_runtime, opts.listen, share.clone()).await {
+            Ok(l) => l,
+            Err(source) => {
+                nfs_runtime.shutdown_background();
+                return Err(ServeError::Bind {
+                    addr: opts.listen,
+                    source,
+                });
+            }
+        };
         let nfs_addr = SocketAddr::new(opts.listen.ip(), nfs.get_listen_port());
         let chan_addr = SocketAddr::new(opts.listen.ip(), channel_port(nfs_addr.port()));
         let chan = match TcpListener::bind(chan_addr).await {
             Ok(l) => l,
             Err(source) => {
+                nfs_runtime.shutdown_background();
                 last = Some(ServeError::Bind {
                     addr: chan_addr,
                     source,
@@ -102,11 +148,7 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, ServeError> {
         };
         info!(export = %share.volume.root_path().display(), nfs = %nfs_addr, channel = %chan_addr,
               lease_term = ?opts.lease_term, "serving: NFSv3+MOUNT on nfs, lease channel on channel");
-        let nfs_task = tokio::spawn(async move {
-            if let Err(e) = nfs.handle_forever().await {
-                tracing::error!("NFS listener failed: {e}");
-            }
-        });
+        nfs_runtime.spawn(accept_nfs_forever(Arc::new(nfs)));
         let chan_task = tokio::spawn(crate::channel::server::serve(chan, share.clone()));
         let stats_share = share.clone();
         let stats_task = tokio::spawn(async move {
@@ -123,7 +165,8 @@ pub async fn start(opts: &ServeOptions) -> Result<Running, ServeError> {
             nfs_addr,
             channel_addr: chan_addr,
             share,
-            tasks: vec![nfs_task, chan_task, stats_task],
+            tasks: vec![chan_task, stats_task],
+            nfs_runtime: Some(nfs_runtime),
         });
     }
     Err(last.expect("at least one attempt"))

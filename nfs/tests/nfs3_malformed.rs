@@ -196,10 +196,7 @@ async fn tiny_directory_counts_do_not_stop_the_server() {
 /// Connections reset by the peer right after connecting must not stop the listener.
 ///
 /// nfsserve 0.11's accept loop calls `peer_addr().unwrap()`, which panics for a connection
-/// already reset, and the panic ends `handle_forever`: no client is served again. The fix
-/// belongs in `server.rs` (run `handle_forever` again when it panics or fails); until then
-/// this test is ignored.
-#[ignore = "nfsserve's accept loop panics on a reset connection; server.rs must restart it"]
+/// already reset, and the panic ends `handle_forever`; `server.rs` starts it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_reset_at_once_do_not_stop_the_listener() {
     let dir = tempfile::tempdir().unwrap();

@@ -532,10 +532,8 @@ async fn two_independent_clients_agree() {
 
 /// After `Running::shutdown`, connected clients are cut off: nothing is served by a server
 /// that was told to stop (its volume may be handed to the next one).
-///
-/// Fails today: `shutdown` aborts the accept task, but nfsserve spawns each connection's
-/// task itself, out of `Running`'s reach, so old connections keep being served.
-#[ignore = "server.rs: nfsserve's connection tasks outlive Running::shutdown"]
+/// nfsserve spawns each connection's task itself; they run on a runtime of their own that
+/// `shutdown` ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_client_connections() {
     let dir = tempfile::tempdir().unwrap();
