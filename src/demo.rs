@@ -3,106 +3,27 @@
 //! others, prints what each saw and the lease counters, and cleans everything up.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
-/// One `shoal mount` process and its mountpoint, unmounted on drop.
-struct DemoMount {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl DemoMount {
-    fn start(exe: &Path, share: &str, dir: PathBuf, name: &str) -> anyhow::Result<DemoMount> {
-        std::fs::create_dir_all(&dir)?;
-        let child = Command::new(exe)
-            .args(["mount", share])
-            .arg(&dir)
-            .args(["--name", name])
-            .stdin(Stdio::null())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()
-            .context("starting shoal mount")?;
-        let mut m = DemoMount { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !is_mounted(&m.dir) {
-            if let Some(status) = m.child.try_wait()? {
-                bail!("shoal mount {} exited with {status}", m.dir.display());
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not appear as a mount within 10 s", m.dir.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(m)
-    }
-}
-
-impl Drop for DemoMount {
-    fn drop(&mut self) {
-        // `shoal mount` unmounts itself on SIGTERM.
-        // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is involved.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// True if `dir` is a mountpoint in this mount namespace.
-pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.to_string_lossy();
-    table.lines().any(|l| l.split(' ').nth(4) == Some(&want))
-}
+use crate::local::LocalShare;
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the shoal binary")?;
-    let work = tempfile::Builder::new()
-        .prefix("shoal-demo.")
-        .tempdir()
-        .context("creating a temporary directory")?;
-    let export = work.path().join("export");
-    std::fs::create_dir(&export)?;
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let opts = shoal_nfs::server::ServeOptions {
-        export: export.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        lease_term: Duration::from_secs(10),
-    };
-    let running = rt.block_on(shoal_nfs::server::start(&opts))?;
-    let share = running.nfs_addr.to_string();
+    let local = LocalShare::start("shoal-demo.", None, Duration::from_secs(10))?;
+    let running = &local.running;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "exporting {} on {} (NFSv3) and {} (lease channel)",
-        export.display(),
+        local.export.display(),
         running.nfs_addr,
         running.channel_addr
     )?;
 
     let mounts = ["node-a", "node-b", "node-c"]
         .iter()
-        .map(|n| DemoMount::start(&exe, &share, work.path().join(n), n))
+        .map(|n| local.mount(n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for m in &mounts {
         writeln!(out, "mounted {}", m.dir.display())?;
@@ -147,10 +68,10 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     if keep {
         writeln!(out, "mounts stay up; press Ctrl-C to unmount and clean up")?;
         out.flush()?;
-        rt.block_on(crate::shutdown_signal());
+        local.rt.block_on(crate::shutdown_signal());
     }
     drop(mounts);
-    running.shutdown();
+    drop(local);
     writeln!(out, "unmounted and cleaned up")?;
     Ok(())
 }

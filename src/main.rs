@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 mod demo;
+mod local;
 
 #[derive(Parser)]
 #[command(
