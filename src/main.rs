@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
+mod bench;
 mod demo;
 mod local;
 
@@ -70,12 +71,32 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Measure on a temporary local share: the cost of a lease recall to a writer (two
+    /// mounts, one reads, the other overwrites) and small-file throughput through a mount.
+    Bench {
+        /// Recall iterations: B reads the file, A overwrites it (0 skips this part).
+        #[arg(long, default_value_t = 1000)]
+        iterations: usize,
+        /// Small files to create, stat, read and remove through one mount (0 skips this part).
+        #[arg(long, default_value_t = 1000)]
+        files: usize,
+        /// Bytes written to each small file.
+        #[arg(long, default_value_t = 4096)]
+        file_size: usize,
+        /// Directory to create the temporary export in (default: the system temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Lease term of the share, in seconds.
+        #[arg(long, default_value_t = 10)]
+        lease_term: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; its parts only speak up about problems.
-    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+    // The demo and the benchmark print their own story; their parts only speak up about
+    // problems.
+    let default_filter = if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
         "warn"
     } else {
         "info"
@@ -104,6 +125,25 @@ fn main() -> ExitCode {
             share,
         } => csi(endpoint, node_id, share),
         Command::Demo { keep } => demo::run(keep),
+        Command::Bench {
+            iterations,
+            files,
+            file_size,
+            dir,
+            lease_term,
+        } => {
+            if lease_term == 0 {
+                Err(anyhow::anyhow!("--lease-term must be at least 1 second"))
+            } else {
+                bench::run(bench::BenchOptions {
+                    iterations,
+                    files,
+                    file_size,
+                    dir,
+                    lease_term: Duration::from_secs(lease_term),
+                })
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
