@@ -6,20 +6,125 @@
 //! then the leases on the nodes it affects are recalled from every other holder, and only
 //! when the recall is over does the method return so the front end can acknowledge it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use dashmap::DashMap;
+use tracing::debug;
+
 use crate::lease::{LeaseTable, Session, SessionId};
-use crate::types::{Attr, CreateMode, NodeId, SetAttr};
+use crate::types::{Attr, CreateMode, FileKind, NodeId, SetAttr};
 use crate::volume::{VolResult, Volume};
 
 pub struct Share {
     pub volume: Volume,
     pub leases: LeaseTable,
+    /// Files clients have open: node to open count per session. A file open anywhere keeps
+    /// its data when its last name is removed (it becomes an orphan until its last close).
+    opens: DashMap<NodeId, HashMap<SessionId, u32>>,
+    /// Open files whose last name was removed, kept in the volume's orphans directory.
+    orphans: DashMap<NodeId, ()>,
 }
 
 impl Share {
     pub fn new(volume: Volume, leases: LeaseTable) -> Arc<Share> {
-        Arc::new(Share { volume, leases })
+        Arc::new(Share {
+            volume,
+            leases,
+            opens: DashMap::new(),
+            orphans: DashMap::new(),
+        })
+    }
+
+    /// `session` opened `node`.
+    pub fn open(&self, session: SessionId, node: NodeId) {
+        *self
+            .opens
+            .entry(node)
+            .or_default()
+            .entry(session)
+            .or_insert(0) += 1;
+    }
+
+    /// `session` closed `node` once.
+    pub fn close(&self, session: SessionId, node: NodeId) {
+        let closed = match self.opens.get_mut(&node) {
+            Some(mut per) => {
+                if let Some(n) = per.get_mut(&session) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        per.remove(&session);
+                    }
+                }
+                per.is_empty()
+            }
+            None => false,
+        };
+        if closed {
+            self.opens.remove_if(&node, |_, per| per.is_empty());
+            self.reap_if_closed(node);
+        }
+    }
+
+    /// A session ended: whatever it had open is closed.
+    pub fn session_ended(&self, session: SessionId) {
+        let mut closed = Vec::new();
+        self.opens.retain(|node, per| {
+            per.remove(&session);
+            if per.is_empty() {
+                closed.push(*node);
+            }
+            !per.is_empty()
+        });
+        for node in closed {
+            self.reap_if_closed(node);
+        }
+    }
+
+    fn is_open(&self, node: NodeId) -> bool {
+        self.opens.contains_key(&node)
+    }
+
+    fn reap_if_closed(&self, node: NodeId) {
+        if !self.is_open(node) && self.orphans.remove(&node).is_some() {
+            self.volume.reap_orphan(node);
+        }
+    }
+
+    /// Before `name` in `dir` loses its file (remove, or rename over it): if that is the
+    /// file's last name and a client has it open, link it into the orphans directory so its
+    /// data outlives the name. Returns the node to adopt once the change is made.
+    fn keep_if_open(&self, dir: NodeId, name: &[u8], except: Option<NodeId>) -> Option<NodeId> {
+        let victim = self.volume.lookup(dir, name).ok()?;
+        if victim.kind != FileKind::File || victim.nlink != 1 || Some(victim.node) == except {
+            return None;
+        }
+        if !self.is_open(victim.node) {
+            return None;
+        }
+        match self.volume.keep_orphan(dir, name, victim.node) {
+            Ok(()) => Some(victim.node),
+            Err(e) => {
+                debug!(node = victim.node, "cannot keep open file: {}", e.message);
+                None
+            }
+        }
+    }
+
+    /// After the change: the kept node's only name is now its orphan link (or, if the
+    /// change failed, the extra link goes again).
+    fn settle_orphan(&self, kept: Option<NodeId>, changed: bool) {
+        let Some(node) = kept else { return };
+        if changed && self.volume.adopt_orphan(node).is_ok() {
+            self.orphans.insert(node, ());
+            debug!(
+                node,
+                "removed while open: kept as an orphan until its last close"
+            );
+            self.reap_if_closed(node);
+        } else {
+            self.volume.reap_orphan(node);
+        }
     }
 
     /// Recalls `nodes` from everyone but `by` and waits until that is done.
@@ -89,8 +194,12 @@ impl Share {
     }
 
     /// Unlinks; the removed node is recalled too (its link count and ctime changed).
+    /// A file open on some client keeps its data until its last close.
     pub async fn remove(&self, by: Option<SessionId>, dir: NodeId, name: &[u8]) -> VolResult<()> {
-        let node = self.volume.remove(dir, name)?;
+        let kept = self.keep_if_open(dir, name, None);
+        let removed = self.volume.remove(dir, name);
+        self.settle_orphan(kept, removed.is_ok());
+        let node = removed?;
         self.recall(by, &[dir, node]).await;
         Ok(())
     }
@@ -101,7 +210,8 @@ impl Share {
         Ok(())
     }
 
-    /// Renames; both directories, the moved node and a replaced node are recalled.
+    /// Renames; both directories, the moved node and a replaced node are recalled. A
+    /// replaced file open on some client keeps its data until its last close.
     pub async fn rename(
         &self,
         by: Option<SessionId>,
@@ -110,7 +220,11 @@ impl Share {
         to_dir: NodeId,
         to: &[u8],
     ) -> VolResult<()> {
-        let (moved, replaced) = self.volume.rename(from_dir, from, to_dir, to)?;
+        let moving = self.volume.lookup(from_dir, from).ok().map(|a| a.node);
+        let kept = self.keep_if_open(to_dir, to, moving);
+        let renamed = self.volume.rename(from_dir, from, to_dir, to);
+        self.settle_orphan(kept, renamed.is_ok());
+        let (moved, replaced) = renamed?;
         let mut nodes = vec![from_dir, moved];
         if to_dir != from_dir {
             nodes.push(to_dir);

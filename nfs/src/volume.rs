@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::types::{Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, SetAttr, SetTime, Time};
 
@@ -76,6 +76,14 @@ struct Listing {
 /// nodes are answered stale without walking again.
 const WALK_COOLDOWN: Duration = Duration::from_secs(2);
 
+/// The directory at the export root that Shoal keeps for itself: hidden from every client,
+/// refused as a name to create. It holds `orphans/`.
+pub const RESERVED: &[u8] = b".shoal";
+
+/// Inside [`RESERVED`]: files whose last name was removed while a client had them open,
+/// linked here as `<node id>` until their last close.
+const ORPHANS: &str = "orphans";
+
 /// Most open files kept for reuse by read and write.
 const OPEN_FILES_MAX: usize = 512;
 
@@ -124,6 +132,7 @@ impl Volume {
             .open(&canon)
             .map_err(|e| VolumeError::io(&format!("export {shown}"), e))?;
         info!(export = %canon.display(), "volume opened");
+        clear_orphans(&canon);
         Ok(Volume {
             root: canon,
             root_dir,
@@ -276,6 +285,12 @@ impl Volume {
     /// The path of `name` inside directory `dir`, after checking the name is one component.
     fn child_path(&self, dir: NodeId, name: &[u8]) -> VolResult<PathBuf> {
         check_name(name)?;
+        if self.is_reserved(dir, name) {
+            return Err(VolumeError::new(
+                libc::EACCES,
+                format!("{}: reserved by Shoal at the export root", lossy(name)),
+            ));
+        }
         Ok(self.dir_path(dir)?.join(OsStr::from_bytes(name)))
     }
 
@@ -298,6 +313,12 @@ impl Volume {
     }
 
     pub fn lookup(&self, dir: NodeId, name: &[u8]) -> VolResult<Attr> {
+        if self.is_reserved(dir, name) {
+            return Err(VolumeError::new(
+                libc::ENOENT,
+                format!("{}: no such entry", lossy(name)),
+            ));
+        }
         let path = self.child_path(dir, name)?;
         let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
         if meta.dev() != self.dev {
@@ -376,6 +397,9 @@ impl Volume {
         while i < listing.len() && out.len() < max {
             let (id, name) = &listing[i];
             i += 1;
+            if self.is_reserved(dir, name.as_bytes()) {
+                continue;
+            }
             // The entry may have gone since the listing was taken; skip it then.
             let Ok(meta) = fs::symlink_metadata(path.join(name)) else {
                 continue;
@@ -597,6 +621,101 @@ impl Volume {
         Ok((moved.ino(), replaced.map(|m| m.ino())))
     }
 
+    // ---- orphans: files removed while open ----
+
+    /// True for the name the volume keeps for itself.
+    fn is_reserved(&self, dir: NodeId, name: &[u8]) -> bool {
+        dir == self.root_id && name == RESERVED
+    }
+
+    /// `.shoal/orphans` (made if missing), remembered in the node table.
+    fn orphans_dir(&self) -> VolResult<(NodeId, PathBuf)> {
+        let shoal = self.root.join(OsStr::from_bytes(RESERVED));
+        let orphans = shoal.join(ORPHANS);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&orphans)
+            .map_err(|e| VolumeError::io("creating .shoal/orphans", e))?;
+        let shoal_meta = fs::symlink_metadata(&shoal).map_err(|e| VolumeError::io(".shoal", e))?;
+        let meta =
+            fs::symlink_metadata(&orphans).map_err(|e| VolumeError::io(".shoal/orphans", e))?;
+        if !shoal_meta.is_dir() || !meta.is_dir() {
+            return Err(VolumeError::new(
+                libc::ENOTDIR,
+                ".shoal/orphans is not a directory",
+            ));
+        }
+        self.remember(self.root_id, RESERVED, &shoal_meta);
+        self.remember(shoal_meta.ino(), ORPHANS.as_bytes(), &meta);
+        Ok((meta.ino(), orphans))
+    }
+
+    /// Links the file `node`, now at `name` in `dir`, into the orphans directory, so it
+    /// keeps a name (and its data) when `name` is removed or replaced. Call before the
+    /// change; then [`Volume::adopt_orphan`] after it, or [`Volume::reap_orphan`] to undo.
+    pub fn keep_orphan(&self, dir: NodeId, name: &[u8], node: NodeId) -> VolResult<()> {
+        let path = self.child_path(dir, name)?;
+        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        if meta.ino() != node || !meta.is_file() {
+            return Err(VolumeError::stale(node));
+        }
+        let (_, orphans) = self.orphans_dir()?;
+        let link = orphans.join(node.to_string());
+        match fs::hard_link(&path, &link) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let there =
+                    fs::symlink_metadata(&link).map_err(|e| VolumeError::io("orphan", e))?;
+                if there.ino() == node {
+                    Ok(())
+                } else {
+                    Err(VolumeError::new(
+                        libc::EEXIST,
+                        format!("orphan {node} exists"),
+                    ))
+                }
+            }
+            Err(e) => Err(VolumeError::io("linking an orphan", e)),
+        }
+    }
+
+    /// Records that `node`'s only name is now its orphan link.
+    pub fn adopt_orphan(&self, node: NodeId) -> VolResult<()> {
+        let (orphans_id, _) = self.orphans_dir()?;
+        self.places.insert(
+            node,
+            Place {
+                parent: orphans_id,
+                name: node.to_string().into(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes `node`'s orphan link (its last close, or an undo).
+    pub fn reap_orphan(&self, node: NodeId) {
+        let link = self
+            .root
+            .join(OsStr::from_bytes(RESERVED))
+            .join(ORPHANS)
+            .join(node.to_string());
+        match fs::symlink_metadata(&link) {
+            Ok(m) if m.ino() == node => {
+                let gone = m.nlink() <= 1;
+                if let Err(e) = fs::remove_file(&link) {
+                    warn!(node, "cannot remove orphan: {e}");
+                    return;
+                }
+                debug!(node, "orphan removed");
+                if gone {
+                    self.forget(node, true);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Drops what the volume remembers of a node that left its place.
     fn forget(&self, node: NodeId, gone: bool) {
         self.places.remove(&node);
@@ -721,6 +840,26 @@ struct OpenHow {
     flags: u64,
     mode: u64,
     resolve: u64,
+}
+
+/// Removes orphans a previous run left behind: no client of this run has them open.
+fn clear_orphans(root: &Path) {
+    let dir = root.join(OsStr::from_bytes(RESERVED)).join(ORPHANS);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    if n > 0 {
+        info!(
+            count = n,
+            "removed files a previous run kept for clients that had them open"
+        );
+    }
 }
 
 /// A name must be one path component: not empty, not `.` or `..`, no `/` or NUL, at most 255 bytes.

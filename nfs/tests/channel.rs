@@ -209,3 +209,151 @@ async fn an_unreachable_share_fails_fast() {
     assert!(matches!(err, ClientError::Connect { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(6));
 }
+
+fn data(r: Reply) -> Vec<u8> {
+    match r {
+        Reply::Data { data, .. } => data,
+        other => panic!("expected data, got {other:?}"),
+    }
+}
+
+fn orphans(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join(".shoal/orphans"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_open_on_one_client_outlives_its_removal_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("doomed"), b"still here").unwrap();
+    std::fs::write(dir.path().join("current"), b"old release").unwrap();
+    std::fs::write(dir.path().join("next"), b"new release").unwrap();
+    let srv = serve(dir.path()).await;
+    let share = srv.nfs_addr.to_string();
+    let (a, sa, ar) = Client::connect(&share, opts("a")).await.unwrap();
+    let (b, sb, br) = Client::connect(&share, opts("b")).await.unwrap();
+    // Both clients honour recalls at once (a client that does not is revoked, and its
+    // opens end with its session).
+    let acks = [(a.clone(), ar), (b.clone(), br)].map(|(c, mut rx)| {
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                c.ack_recall(r.recall);
+            }
+        })
+    });
+    let root = sa.root.node;
+    assert_eq!(sb.root.node, root);
+
+    // a opens both files; b removes one and replaces the other (an atomic deploy).
+    let doomed = attr(
+        a.call(Request::Lookup {
+            dir: root,
+            name: b"doomed".to_vec(),
+        })
+        .await
+        .unwrap(),
+    );
+    let current = attr(
+        a.call(Request::Lookup {
+            dir: root,
+            name: b"current".to_vec(),
+        })
+        .await
+        .unwrap(),
+    );
+    a.send(Request::Open { node: doomed.node }).await.unwrap();
+    a.send(Request::Open { node: current.node }).await.unwrap();
+    // Opens are queued before this call, and counted before calls are answered.
+    a.call(Request::GetAttr { node: root }).await.unwrap();
+    b.call(Request::Remove {
+        dir: root,
+        name: b"doomed".to_vec(),
+    })
+    .await
+    .unwrap();
+    b.call(Request::Rename {
+        from_dir: root,
+        from_name: b"next".to_vec(),
+        to_dir: root,
+        to_name: b"current".to_vec(),
+    })
+    .await
+    .unwrap();
+
+    // a still reads what it opened; the names now mean what b made of them.
+    let read = |node| Request::Read {
+        node,
+        offset: 0,
+        len: 100,
+    };
+    assert_eq!(
+        data(a.call(read(doomed.node)).await.unwrap()),
+        b"still here"
+    );
+    assert_eq!(
+        data(a.call(read(current.node)).await.unwrap()),
+        b"old release"
+    );
+    assert!(!dir.path().join("doomed").exists());
+    assert_eq!(
+        std::fs::read(dir.path().join("current")).unwrap(),
+        b"new release"
+    );
+    assert_eq!(orphans(dir.path()), 2);
+
+    // The keeping place is Shoal's own: no client sees or touches it.
+    let listed = match b
+        .call(Request::ReadDir {
+            dir: root,
+            after: 0,
+            max: 100,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Entries { entries, .. } => entries.into_iter().map(|e| e.name).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(listed, vec![b"current".to_vec()]);
+    let hidden = b
+        .call(Request::Lookup {
+            dir: root,
+            name: b".shoal".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.errno(), libc::ENOENT);
+    let refused = b
+        .call(Request::Mkdir {
+            dir: root,
+            name: b".shoal".to_vec(),
+            mode: 0o755,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.errno(), libc::EACCES);
+
+    // Closing releases the data: once by a's close, once by a's session ending.
+    a.send(Request::Close { node: doomed.node }).await.unwrap();
+    a.call(Request::GetAttr { node: root }).await.unwrap();
+    assert_eq!(orphans(dir.path()), 1);
+    drop(a);
+    acks[0].abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while orphans(dir.path()) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan of a closed session not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A file nobody has open is simply removed.
+    b.call(Request::Remove {
+        dir: root,
+        name: b"current".to_vec(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(orphans(dir.path()), 0);
+}

@@ -127,6 +127,16 @@ struct Inner {
     epoch: Instant,
 }
 
+impl Drop for Inner {
+    /// The last handle is gone: close the connection, so the server ends the session (its
+    /// leases and open files) at once instead of when the lease runs out.
+    fn drop(&mut self) {
+        if let Some(conn) = self.current.lock().unwrap().take() {
+            conn.fail_all();
+        }
+    }
+}
+
 /// A cloneable handle to the channel of one share.
 #[derive(Clone)]
 pub struct Client {
@@ -197,6 +207,15 @@ impl Client {
                 Err(ClientError::Timeout(self.inner.addr.to_string(), limit))
             }
         }
+    }
+
+    /// Sends a request that has no reply (`Open`, `Close`), on the current connection or a
+    /// new one. It is queued behind every request sent before it.
+    pub async fn send(&self, request: Request) -> Result<(), ClientError> {
+        let conn = self.connection().await?;
+        conn.out
+            .send(proto::encode(&Frame::Call { id: 0, request }))
+            .map_err(|_| ClientError::Lost)
     }
 
     /// Tells the server that recall `recall` has been honoured.
@@ -420,7 +439,8 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
 
     // Renewer: renews at a third of the term; trust is extended from the send time.
     let nconn = conn.clone();
-    let ninner = inner.clone();
+    // Weak: a renewer must not keep a dropped client's connection alive.
+    let ninner = Arc::downgrade(inner);
     tokio::spawn(async move {
         let term = nconn.session.lease_term;
         loop {
@@ -429,6 +449,9 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
                 break;
             }
             let sent = Instant::now();
+            let Some(ninner) = ninner.upgrade() else {
+                break;
+            };
             let id = ninner.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             nconn.pending.lock().unwrap().insert(id, tx);

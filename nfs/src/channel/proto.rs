@@ -121,6 +121,16 @@ pub enum Request {
     StatFs,
     /// The share's lease counters. Reply: `Counters`.
     Counters,
+    /// The client opened `node` (counted per session). While a file is open anywhere, removing
+    /// or replacing its last name keeps its data reachable by node id until the last `Close`
+    /// (or the end of the session). Reply: none.
+    Open {
+        node: NodeId,
+    },
+    /// The client closed `node` once. Reply: none.
+    Close {
+        node: NodeId,
+    },
 }
 
 impl Request {

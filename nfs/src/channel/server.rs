@@ -130,6 +130,15 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
             _ = session.revoked.notified() => break Ok(()),
         };
         match frame {
+            // Opens and closes are counted in the order they arrive, so not spawned.
+            Ok(Frame::Call {
+                request: Request::Open { node },
+                ..
+            }) => share.open(session.id, node),
+            Ok(Frame::Call {
+                request: Request::Close { node },
+                ..
+            }) => share.close(session.id, node),
             Ok(Frame::Call { id, request }) => {
                 let (share, session, out) = (share.clone(), session.clone(), out.clone());
                 tokio::spawn(async move { call(&share, &session, &out, id, request).await });
@@ -142,6 +151,7 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
         }
     };
     share.leases.close_session(session.id);
+    share.session_ended(session.id);
     writer.abort();
     info!(%peer, session = session.id, "channel connection closed");
     result
@@ -196,6 +206,8 @@ async fn call(
             share.leases.ack(session.id, recall);
             return;
         }
+        // Counted by the connection loop, in order; never reach here.
+        Request::Open { .. } | Request::Close { .. } => return,
         Request::Release { nodes } => {
             share.leases.release(session.id, &nodes);
             Reply::Ok
