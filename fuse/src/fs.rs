@@ -37,9 +37,6 @@ const ATTR_TTL_CAP: Duration = Duration::from_secs(60);
 const ENTRY_TTL: Duration = Duration::ZERO;
 /// Entries asked for per `ReadDir` call (a kernel readdir buffer is usually one page).
 const READDIR_BATCH: u32 = 128;
-/// Prefix of the name an unlinked-but-open file is renamed to until its last close.
-pub const SILLY_PREFIX: &str = ".shoal-unlinked-";
-
 /// An open file.
 #[derive(Debug)]
 struct Handle {
@@ -55,8 +52,6 @@ pub struct Nodes {
     lookups: HashMap<NodeId, u64>,
     /// Open file handles per node.
     opens: HashMap<NodeId, u32>,
-    /// Unlinked-while-open nodes: the directory and hidden name they were renamed to.
-    silly: HashMap<NodeId, (NodeId, Vec<u8>)>,
     /// Nodes the kernel forgot, to be released to the server in one batch.
     pending_release: Vec<NodeId>,
 }
@@ -277,53 +272,29 @@ impl Shared {
         self.cache.lock().unwrap().recall(nodes);
     }
 
-    /// The node `name` in `dir` names, from the cache or the server.
-    async fn resolve(&self, dir: NodeId, name: &[u8]) -> Result<Attr, Errno> {
-        if let Some(Lookup::Found(a)) = self.cached_lookup(dir, name) {
-            return Ok(a);
-        }
-        match self.cached_lookup(dir, name) {
-            Some(Lookup::Missing) => Err(Errno::ENOENT),
-            _ => {
-                let (_, r) = self
-                    .call_attr(Request::Lookup {
-                        dir,
-                        name: name.to_vec(),
-                    })
-                    .await;
-                r
-            }
+    /// Tells the server this client opened `node` once more: while it is open here, the
+    /// server keeps its data if another client removes or replaces its last name.
+    async fn opened(&self, node: NodeId) {
+        if let Err(e) = self.client.send(Request::Open { node }).await {
+            debug!(node, "open not registered: {e}");
         }
     }
 
-    fn is_open(&self, node: NodeId) -> bool {
-        self.nodes
+    /// After a new session: registers again every file this mount has open.
+    pub async fn reopen_all(&self) {
+        let opens: Vec<(NodeId, u32)> = self
+            .nodes
             .lock()
             .unwrap()
             .opens
-            .get(&node)
-            .is_some_and(|n| *n > 0)
-    }
-
-    /// If `node` is open here, renames `dir/name` to a hidden name so the open file keeps a
-    /// path on the server until its last close. Returns true if it did.
-    async fn silly_rename(&self, dir: NodeId, name: &[u8], node: NodeId) -> Result<bool, Errno> {
-        if !self.is_open(node) || self.nodes.lock().unwrap().silly.contains_key(&node) {
-            return Ok(false);
+            .iter()
+            .map(|(n, c)| (*n, *c))
+            .collect();
+        for (node, count) in opens {
+            for _ in 0..count {
+                self.opened(node).await;
+            }
         }
-        let hidden = format!("{SILLY_PREFIX}{node}").into_bytes();
-        let (_, r) = self
-            .call(Request::Rename {
-                from_dir: dir,
-                from_name: name.to_vec(),
-                to_dir: dir,
-                to_name: hidden.clone(),
-            })
-            .await;
-        r?;
-        debug!(node, "unlinked while open: renamed to a hidden name");
-        self.nodes.lock().unwrap().silly.insert(node, (dir, hidden));
-        Ok(true)
     }
 
     fn new_handle(&self, node: NodeId) -> FileHandle {
@@ -343,24 +314,17 @@ impl Shared {
         self.handles.lock().unwrap().get(&fh.0).cloned()
     }
 
-    /// Drops an open handle; returns the hidden name to remove if it was the node's last open
-    /// after an unlink.
-    fn close_handle(&self, fh: FileHandle) -> Option<(NodeId, Vec<u8>)> {
+    /// Drops an open handle; returns its node.
+    fn close_handle(&self, fh: FileHandle) -> Option<NodeId> {
         let h = self.handles.lock().unwrap().remove(&fh.0)?;
         let mut nodes = self.nodes.lock().unwrap();
-        let left = match nodes.opens.get_mut(&h.node) {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n
+        if let Some(n) = nodes.opens.get_mut(&h.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                nodes.opens.remove(&h.node);
             }
-            None => 0,
-        };
-        if left == 0 {
-            nodes.opens.remove(&h.node);
-            nodes.silly.remove(&h.node)
-        } else {
-            None
         }
+        Some(h.node)
     }
 
     /// Sends one `Release` for every forgotten node the kernel has not looked up again.
@@ -661,25 +625,17 @@ impl Filesystem for ShoalFs {
         let dir = self.shared.node(parent);
         let name = name.as_bytes().to_vec();
         self.spawn(move |s| async move {
-            let child = s.resolve(dir, &name).await.ok().map(|a| a.node);
-            let mut res = Ok(());
-            let mut hidden = false;
-            if let Some(node) = child {
-                match s.silly_rename(dir, &name, node).await {
-                    Ok(h) => hidden = h,
-                    Err(e) => res = Err(e),
-                }
-            }
-            if res.is_ok() && !hidden {
-                res = s
-                    .call(Request::Remove {
-                        dir,
-                        name: name.clone(),
-                    })
-                    .await
-                    .1
-                    .map(|_| ());
-            }
+            // The server keeps the file's data for whoever still has it open (here or on
+            // another node) until the last close.
+            let child = s.cache.lock().unwrap().peek_entry(dir, &name);
+            let res = s
+                .call(Request::Remove {
+                    dir,
+                    name: name.clone(),
+                })
+                .await
+                .1
+                .map(|_| ());
             let mut changed = vec![dir];
             changed.extend(child);
             s.changed(&changed);
@@ -786,12 +742,6 @@ impl Filesystem for ShoalFs {
             changed.extend(moved);
             if let Some(t) = &target {
                 changed.push(t.node);
-                if t.kind != FileKind::Dir && Some(t.node) != moved {
-                    if let Err(e) = s.silly_rename(to_dir, &to_name, t.node).await {
-                        reply.error(e);
-                        return;
-                    }
-                }
             }
             let r = s
                 .call(Request::Rename {
@@ -844,6 +794,7 @@ impl Filesystem for ShoalFs {
                 s.client.cache_valid() && c.open_keep_cache(node, &attr, until)
             };
             let fh = s.new_handle(node);
+            s.opened(node).await;
             let flags = if keep {
                 FopenFlags::FOPEN_KEEP_CACHE
             } else {
@@ -992,15 +943,13 @@ impl Filesystem for ShoalFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let hidden = self.shared.close_handle(fh);
+        let closed = self.shared.close_handle(fh);
         reply.ok();
-        if let Some((dir, name)) = hidden {
+        if let Some(node) = closed {
             self.spawn(move |s| async move {
-                debug!(dir, "removing hidden unlinked file after last close");
-                if let Err(e) = s.call(Request::Remove { dir, name }).await.1 {
-                    warn!(dir, "could not remove hidden unlinked file: {e:?}");
+                if let Err(e) = s.client.send(Request::Close { node }).await {
+                    debug!(node, "close not registered: {e}");
                 }
-                s.changed(&[dir]);
             });
         }
     }
@@ -1064,9 +1013,6 @@ impl Filesystem for ShoalFs {
             // Not cached: a listing grants a lease on the directory only, not on the entries'
             // nodes, so their attributes would not be recalled when they change.
             for e in entries {
-                if e.name.starts_with(SILLY_PREFIX.as_bytes()) {
-                    continue;
-                }
                 let Some(off) = e.cookie.checked_add(2) else {
                     warn!(dir, cookie = e.cookie, "directory cookie out of range");
                     break;
@@ -1160,6 +1106,7 @@ impl Filesystem for ShoalFs {
                         s.cache.lock().unwrap().open_keep_cache(a.node, &a, until);
                     }
                     let fh = s.new_handle(a.node);
+                    s.opened(a.node).await;
                     *s.nodes.lock().unwrap().lookups.entry(a.node).or_insert(0) += 1;
                     reply.created(
                         &ttl,

@@ -17,10 +17,10 @@
 //! the file was held continuously since it was filled; a recall invalidates the kernel's
 //! inode (attributes and pages) before it is acknowledged (or after [`recall::INVAL_WAIT`]).
 //!
-//! Unlink while open: the server unlinks for real and its volume layer addresses nodes by
-//! path, so a file unlinked here while open here is instead renamed to
-//! `.shoal-unlinked-<node>` in its directory (hidden from listings) and removed at its last
-//! close. A file unlinked on another node while open here is not protected (reads get ESTALE).
+//! Unlink while open: every open and close is registered with the server (`Open`/`Close`,
+//! sent without waiting), and the server keeps a file whose last name is removed or
+//! replaced, by any client, until its last close. So a file unlinked here or on another node
+//! while open here stays readable and writable through its handle.
 
 pub mod cache;
 pub mod fs;
@@ -383,6 +383,7 @@ async fn background(
                     if jobs.send(recall::Job::All).is_err() {
                         break;
                     }
+                    shared.reopen_all().await;
                 }
                 if ticks.is_multiple_of(4) {
                     shared.flush_releases().await;

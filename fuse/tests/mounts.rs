@@ -321,10 +321,70 @@ fn unlink_while_open_keeps_the_file_readable() {
     assert_eq!(s, "still here, and more");
     drop(f);
 
-    // The last close removes the hidden name on the server.
-    wait_for("hidden file removal", Duration::from_secs(5), || {
-        fs::read_dir(server.export()).unwrap().count() == 0
+    // The last close lets the server drop the data it kept.
+    wait_for("kept file removal", Duration::from_secs(5), || {
+        orphans(&server) == 0
     });
+    assert_eq!(visible_entries(server.export()), 0);
+}
+
+/// Files the server keeps for clients that have them open after their last name went.
+fn orphans(server: &Server) -> usize {
+    fs::read_dir(server.export().join(".shoal/orphans"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Entries of the export on disk, without Shoal's own `.shoal`.
+fn visible_entries(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != ".shoal")
+        .count()
+}
+
+#[test]
+fn a_file_open_on_one_node_survives_removal_and_replacement_on_another() {
+    if !fuse_available() {
+        return;
+    }
+    let server = Server::start();
+    let a = Mount::new(&server, "a");
+    let b = Mount::new(&server, "b");
+
+    fs::write(a.path("app.js"), b"release 1").unwrap();
+    fs::write(a.path("log"), b"log line").unwrap();
+    let mut app = fs::File::open(b.path("app.js")).unwrap();
+    let mut log = fs::File::open(b.path("log")).unwrap();
+
+    // node a deploys release 2 atomically (write aside, rename over) and removes the log.
+    fs::write(a.path("app.js.new"), b"release 2").unwrap();
+    fs::rename(a.path("app.js.new"), a.path("app.js")).unwrap();
+    fs::remove_file(a.path("log")).unwrap();
+
+    // b's open files still read what they opened; new opens see the new state.
+    let mut s = String::new();
+    app.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "release 1");
+    s.clear();
+    log.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "log line");
+    assert_eq!(fs::read(b.path("app.js")).unwrap(), b"release 2");
+    assert!(!b.path("log").exists());
+    assert_eq!(orphans(&server), 2);
+    let names: Vec<_> = fs::read_dir(b.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["app.js"], "nothing kept is visible");
+
+    drop(app);
+    drop(log);
+    wait_for(
+        "kept files removed after the last close",
+        Duration::from_secs(5),
+        || orphans(&server) == 0,
+    );
 }
 
 #[test]
