@@ -532,6 +532,30 @@ async fn three_nodes_three_replicas_see_the_same_files() {
         b"new bytes after the freeze"
     );
 
+    // The share's counters (through `shoal stats`) show the recalls and the one that
+    // ended because the frozen lease ran out.
+    let stats = Command::new(SHOAL)
+        .args(["stats", &share])
+        .output()
+        .unwrap();
+    assert!(
+        stats.status.success(),
+        "shoal stats: {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let stats = String::from_utf8_lossy(&stats.stdout).into_owned();
+    let counter = |name: &str| -> u64 {
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {stats}"));
+        line[name.len()..].trim().parse().unwrap()
+    };
+    assert!(counter("recalls sent") >= 20, "{stats}");
+    assert!(counter("recalls expired") >= 1, "{stats}");
+    // Three mounts, the plugins' share clients and this one.
+    assert!(counter("sessions") >= 4, "{stats}");
+
     // --- 6. teardown: unpublish everywhere, no mount left; DeleteVolume removes the directory ---
     for (i, t) in targets.iter().enumerate() {
         NodeClient::new(channels[i].clone())

@@ -71,6 +71,11 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a share's lease counters: sessions, leases held, recalls and their round trip.
+    Stats {
+        /// The share's ADDR:PORT (its NFS port).
+        share: String,
+    },
     /// Measure on a temporary local share: the cost of a lease recall to a writer (two
     /// mounts, one reads, the other overwrites) and small-file throughput through a mount.
     Bench {
@@ -96,7 +101,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmark print their own story; their parts only speak up about
     // problems.
-    let default_filter = if matches!(cli.command, Command::Demo { .. } | Command::Bench { .. }) {
+    let default_filter = if matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Bench { .. } | Command::Stats { .. }
+    ) {
         "warn"
     } else {
         "info"
@@ -125,6 +133,7 @@ fn main() -> ExitCode {
             share,
         } => csi(endpoint, node_id, share),
         Command::Demo { keep } => demo::run(keep),
+        Command::Stats { share } => stats(share),
         Command::Bench {
             iterations,
             files,
@@ -212,6 +221,32 @@ fn csi(endpoint: String, node_id: String, share: Option<String>) -> anyhow::Resu
         shoal_bin,
     };
     runtime()?.block_on(shoal_csi::run(opts))?;
+    Ok(())
+}
+
+fn stats(share: String) -> anyhow::Result<()> {
+    use shoal_nfs::channel::client::{Client, ClientOptions};
+    use shoal_nfs::channel::proto::{Reply, Request};
+    let c = runtime()?.block_on(async {
+        let opts = ClientOptions {
+            name: format!("shoal-stats@{}", hostname()),
+            ..ClientOptions::default()
+        };
+        let (client, _, _) = Client::connect(&share, opts).await?;
+        match client.call(Request::Counters).await? {
+            Reply::Counters(c) => Ok::<_, anyhow::Error>(c),
+            other => anyhow::bail!("unexpected reply: {other:?}"),
+        }
+    })?;
+    let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} us"));
+    println!("sessions          {}", c.sessions);
+    println!("leases held       {}", c.leases_held);
+    println!("recalls sent      {}", c.recalls_sent);
+    println!("recalls acked     {}", c.recalls_acked);
+    println!("recalls expired   {}", c.recalls_expired);
+    println!("sessions revoked  {}", c.sessions_revoked);
+    println!("recall rtt median {}", us(c.recall_rtt_median_us));
+    println!("recall rtt p99    {}", us(c.recall_rtt_p99_us));
     Ok(())
 }
 
