@@ -63,6 +63,8 @@ pub type VolResult<T> = Result<T, VolumeError>;
 struct Place {
     parent: NodeId,
     name: OsString,
+    /// The node's generation (birth time) when it was seen there: handles carry it.
+    generation: u64,
 }
 
 /// A directory listing sorted by node id, so a cookie (the last node id returned) keeps its
@@ -248,6 +250,7 @@ impl Volume {
                     Place {
                         parent: dir_id,
                         name: entry.file_name(),
+                        generation: generation_of(&meta),
                     },
                 );
                 if meta.is_dir() {
@@ -266,7 +269,12 @@ impl Volume {
     /// The generation of `node`: its birth time in nanoseconds since the epoch, or 0 where
     /// the filesystem keeps no birth time. An inode number reused by a new file comes with a
     /// new birth time, so a handle carrying the generation of the old file can be told stale.
+    /// Remembered with the node's place, so handles are made and checked without a syscall
+    /// for every node the volume has seen (the call that follows resolves the node anyway).
     pub fn generation(&self, node: NodeId) -> VolResult<u64> {
+        if let Some(p) = self.places.get(&node) {
+            return Ok(p.generation);
+        }
         Ok(generation_of(&self.path(node)?.1))
     }
 
@@ -301,6 +309,7 @@ impl Volume {
             Place {
                 parent: dir,
                 name: OsStr::from_bytes(name).to_owned(),
+                generation: generation_of(meta),
             },
         );
         attr_of(meta)
@@ -683,11 +692,13 @@ impl Volume {
     /// Records that `node`'s only name is now its orphan link.
     pub fn adopt_orphan(&self, node: NodeId) -> VolResult<()> {
         let (orphans_id, _) = self.orphans_dir()?;
+        let generation = self.places.get(&node).map_or(0, |p| p.generation);
         self.places.insert(
             node,
             Place {
                 parent: orphans_id,
                 name: node.to_string().into(),
+                generation,
             },
         );
         Ok(())
