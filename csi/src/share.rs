@@ -159,6 +159,7 @@ impl Share {
             dir,
             name: name.as_bytes().to_vec(),
             mode,
+            owner: None,
         };
         match self.call(request).await {
             Ok(Reply::Attr(a)) => Ok((a, true)),
@@ -275,6 +276,7 @@ impl Share {
             name: record_name(id).into_bytes(),
             mode: 0o644,
             how: CreateMode::Unchecked,
+            owner: None,
         };
         let node = match self.call(request).await? {
             Reply::Attr(a) => a.node,

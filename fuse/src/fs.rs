@@ -23,7 +23,7 @@ use fuser::{
 };
 use shoal_nfs::channel::client::Client;
 use shoal_nfs::channel::proto::{
-    self, Attr, CreateMode, FileKind, NodeId, Reply, Request, SetAttr, SetTime, Time,
+    self, Attr, CreateMode, FileKind, NodeId, Owner, Reply, Request, SetAttr, SetTime, Time,
 };
 use tracing::{debug, warn};
 
@@ -577,9 +577,10 @@ impl Filesystem for ShoalFs {
                     name,
                     mode: mode & 0o7777,
                     how: CreateMode::Guarded,
+                    owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r, uid, gid).await {
+            match finish_create(&s, dir, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -608,9 +609,10 @@ impl Filesystem for ShoalFs {
                     dir,
                     name,
                     mode: mode & 0o7777,
+                    owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r, uid, gid).await {
+            match finish_create(&s, dir, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -683,8 +685,15 @@ impl Filesystem for ShoalFs {
         let target = target.as_os_str().as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(move |s| async move {
-            let r = s.call_attr(Request::Symlink { dir, name, target }).await;
-            match finish_create(&s, dir, r, uid, gid).await {
+            let r = s
+                .call_attr(Request::Symlink {
+                    dir,
+                    name,
+                    target,
+                    owner: Some(Owner { uid, gid }),
+                })
+                .await;
+            match finish_create(&s, dir, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -1097,9 +1106,10 @@ impl Filesystem for ShoalFs {
                     name,
                     mode: mode & 0o7777,
                     how,
+                    owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r, uid, gid).await {
+            match finish_create(&s, dir, r).await {
                 Ok((ttl, a)) => {
                     {
                         let (_, until) = lease_window(&s.client);
@@ -1122,33 +1132,16 @@ impl Filesystem for ShoalFs {
     }
 }
 
-/// After a create, mkdir or symlink: forgets the directory's cached state, gives the new
-/// node to the caller (the server creates as itself), and caches its attributes.
+/// After a create, mkdir or symlink (the server gave the new node to the caller): forgets
+/// the directory's cached state and caches the node's attributes.
 async fn finish_create(
     s: &Shared,
     dir: NodeId,
     created: (Ticket, Result<Attr, Errno>),
-    uid: u32,
-    gid: u32,
 ) -> Result<(Duration, Attr), Errno> {
     s.changed(&[dir]);
-    let (mut t, r) = created;
-    let mut a = r?;
-    if (a.uid != uid || a.gid != gid) && a.kind != FileKind::Symlink {
-        let set = SetAttr {
-            uid: (a.uid != uid).then_some(uid),
-            gid: (a.gid != gid).then_some(gid),
-            ..SetAttr::default()
-        };
-        let (t2, r2) = s.call_attr(Request::SetAttr { node: a.node, set }).await;
-        match r2 {
-            Ok(b) => {
-                a = b;
-                t = t2;
-            }
-            Err(e) => warn!(node = a.node, "could not give new node to uid {uid}: {e:?}"),
-        }
-    }
+    let (t, r) = created;
+    let a = r?;
     let ttl = s.keep_attr(t, &a, true);
     Ok((ttl, a))
 }

@@ -237,7 +237,7 @@ impl NFSFileSystem for Nfs3 {
         // nfsserve checks GUARDED itself before calling us; this is UNCHECKED.
         let a = self
             .share
-            .create(None, dirid, &filename.0, mode, CreateMode::Unchecked)
+            .create(None, dirid, &filename.0, mode, CreateMode::Unchecked, None)
             .await
             .map_err(status)?;
         let a = if set != SetAttr::default() {
@@ -258,7 +258,7 @@ impl NFSFileSystem for Nfs3 {
     ) -> Result<fileid3, nfsstat3> {
         let a = self
             .share
-            .create(None, dirid, &filename.0, 0o644, CreateMode::Guarded)
+            .create(None, dirid, &filename.0, 0o644, CreateMode::Guarded, None)
             .await
             .map_err(status)?;
         Ok(a.node)
@@ -271,7 +271,7 @@ impl NFSFileSystem for Nfs3 {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .share
-            .mkdir(None, dirid, &dirname.0, 0o755)
+            .mkdir(None, dirid, &dirname.0, 0o755, None)
             .await
             .map_err(status)?;
         Ok((a.node, self.fattr(&a)))
@@ -340,7 +340,7 @@ impl NFSFileSystem for Nfs3 {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let a = self
             .share
-            .symlink(None, dirid, &linkname.0, &symlink.0)
+            .symlink(None, dirid, &linkname.0, &symlink.0, None)
             .await
             .map_err(status)?;
         let set = setattr_of(attr);

@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use tracing::debug;
 
 use crate::lease::{LeaseTable, Session, SessionId};
-use crate::types::{Attr, CreateMode, FileKind, NodeId, SetAttr};
+use crate::types::{Attr, CreateMode, FileKind, NodeId, Owner, SetAttr};
 use crate::volume::{VolResult, Volume};
 
 pub struct Share {
@@ -162,8 +162,9 @@ impl Share {
         name: &[u8],
         mode: u32,
         how: CreateMode,
+        owner: Option<Owner>,
     ) -> VolResult<Attr> {
-        let attr = self.volume.create(dir, name, mode, how)?;
+        let attr = self.volume.create(dir, name, mode, how, owner)?;
         // An UNCHECKED create of an existing file changes nothing but the directory's view.
         self.recall(by, &[dir]).await;
         Ok(attr)
@@ -175,8 +176,9 @@ impl Share {
         dir: NodeId,
         name: &[u8],
         mode: u32,
+        owner: Option<Owner>,
     ) -> VolResult<Attr> {
-        let attr = self.volume.mkdir(dir, name, mode)?;
+        let attr = self.volume.mkdir(dir, name, mode, owner)?;
         self.recall(by, &[dir]).await;
         Ok(attr)
     }
@@ -187,8 +189,9 @@ impl Share {
         dir: NodeId,
         name: &[u8],
         target: &[u8],
+        owner: Option<Owner>,
     ) -> VolResult<Attr> {
-        let attr = self.volume.symlink(dir, name, target)?;
+        let attr = self.volume.symlink(dir, name, target, owner)?;
         self.recall(by, &[dir]).await;
         Ok(attr)
     }

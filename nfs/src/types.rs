@@ -59,6 +59,13 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+/// Who a new file, directory or symlink belongs to: the caller on the client's side.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// How `Create` treats an existing name.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateMode {

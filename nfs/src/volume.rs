@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tracing::{debug, info, warn};
 
-use crate::types::{Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, SetAttr, SetTime, Time};
+use crate::types::{
+    Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, Owner, SetAttr, SetTime, Time,
+};
 
 /// A failed volume operation: a Linux errno and what went wrong, for the caller's log and reply.
 #[derive(Debug, thiserror::Error)]
@@ -523,17 +525,29 @@ impl Volume {
 
     /// Creates a regular file. `Unchecked` on an existing file opens it (and applies `mode`
     /// only to a new file); `Guarded` fails with EEXIST.
-    pub fn create(&self, dir: NodeId, name: &[u8], mode: u32, how: CreateMode) -> VolResult<Attr> {
+    /// Creates a regular file. `Unchecked` on an existing file opens it (and leaves its mode
+    /// and owner alone); `Guarded` fails with EEXIST. A new file is given to `owner`.
+    pub fn create(
+        &self,
+        dir: NodeId,
+        name: &[u8],
+        mode: u32,
+        how: CreateMode,
+        owner: Option<Owner>,
+    ) -> VolResult<Attr> {
         let path = self.child_path(dir, name)?;
-        let exclusive = match how {
-            CreateMode::Guarded => libc::O_EXCL,
-            CreateMode::Unchecked => 0,
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_EXCL;
+        let (file, new) = match self.open_beneath(&path, flags, mode & 0o7777) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && how == CreateMode::Unchecked => {
+                let f = self
+                    .open_beneath(&path, libc::O_WRONLY | libc::O_NOFOLLOW, 0)
+                    .map_err(|e| VolumeError::io(&lossy(name), e))?;
+                (f, false)
+            }
+            Err(e) => return Err(VolumeError::io(&lossy(name), e)),
         };
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | exclusive;
-        let file = self
-            .open_beneath(&path, flags, mode & 0o7777)
-            .map_err(|e| VolumeError::io(&lossy(name), e))?;
-        let meta = file
+        let mut meta = file
             .metadata()
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
         if !meta.is_file() {
@@ -542,22 +556,38 @@ impl Volume {
                 format!("{}: exists and is not a file", lossy(name)),
             ));
         }
+        if new {
+            meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        }
         Ok(self.remember(dir, name, &meta))
     }
 
-    pub fn mkdir(&self, dir: NodeId, name: &[u8], mode: u32) -> VolResult<Attr> {
+    pub fn mkdir(
+        &self,
+        dir: NodeId,
+        name: &[u8],
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> VolResult<Attr> {
         let path = self.child_path(dir, name)?;
         fs::DirBuilder::new()
             .mode(mode & 0o7777)
             .create(&path)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
         let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
         Ok(self.remember(dir, name, &meta))
     }
 
     /// Creates a symlink. The target is stored as given: the server never follows it, a
     /// client resolves it on its own side.
-    pub fn symlink(&self, dir: NodeId, name: &[u8], target: &[u8]) -> VolResult<Attr> {
+    pub fn symlink(
+        &self,
+        dir: NodeId,
+        name: &[u8],
+        target: &[u8],
+        owner: Option<Owner>,
+    ) -> VolResult<Attr> {
         let path = self.child_path(dir, name)?;
         if target.is_empty() || target.contains(&0) {
             return Err(VolumeError::new(
@@ -568,6 +598,7 @@ impl Volume {
         std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
         let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
         Ok(self.remember(dir, name, &meta))
     }
 
@@ -851,6 +882,18 @@ struct OpenHow {
     flags: u64,
     mode: u64,
     resolve: u64,
+}
+
+/// Gives the node just made at `path` to `owner` (without following a symlink), returning its
+/// attributes as they are then.
+fn give(path: &Path, meta: fs::Metadata, owner: Option<Owner>) -> io::Result<fs::Metadata> {
+    match owner {
+        Some(o) if o.uid != meta.uid() || o.gid != meta.gid() => {
+            std::os::unix::fs::lchown(path, Some(o.uid), Some(o.gid))?;
+            fs::symlink_metadata(path)
+        }
+        _ => Ok(meta),
+    }
 }
 
 /// Removes orphans a previous run left behind: no client of this run has them open.

@@ -46,6 +46,7 @@ async fn a_write_recalls_the_other_clients_lease_and_is_counted() {
             name: b"f".to_vec(),
             mode: 0o644,
             how: CreateMode::Guarded,
+            owner: None,
         })
         .await
         .unwrap(),
@@ -178,6 +179,7 @@ async fn malformed_frames_close_that_connection_only() {
                 name: name.to_vec(),
                 mode: 0o644,
                 how: CreateMode::Guarded,
+                owner: None,
             })
             .await
             .unwrap_err();
@@ -329,6 +331,7 @@ async fn a_file_open_on_one_client_outlives_its_removal_by_another() {
             dir: root,
             name: b".shoal".to_vec(),
             mode: 0o755,
+            owner: None,
         })
         .await
         .unwrap_err();
@@ -356,4 +359,74 @@ async fn a_file_open_on_one_client_outlives_its_removal_by_another() {
     .await
     .unwrap();
     assert_eq!(orphans(dir.path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_nodes_belong_to_the_caller_and_existing_ones_keep_their_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = serve(dir.path()).await;
+    let (c, sc, _r) = Client::connect(&srv.nfs_addr.to_string(), opts("c"))
+        .await
+        .unwrap();
+    let root = sc.root.node;
+    let nginx = Some(proto::Owner { uid: 101, gid: 102 });
+
+    let f = attr(
+        c.call(Request::Create {
+            dir: root,
+            name: b"f".to_vec(),
+            mode: 0o640,
+            how: CreateMode::Guarded,
+            owner: nginx,
+        })
+        .await
+        .unwrap(),
+    );
+    let d = attr(
+        c.call(Request::Mkdir {
+            dir: root,
+            name: b"d".to_vec(),
+            mode: 0o750,
+            owner: nginx,
+        })
+        .await
+        .unwrap(),
+    );
+    let l = attr(
+        c.call(Request::Symlink {
+            dir: root,
+            name: b"l".to_vec(),
+            target: b"f".to_vec(),
+            owner: nginx,
+        })
+        .await
+        .unwrap(),
+    );
+    for (a, name) in [(&f, "f"), (&d, "d"), (&l, "l")] {
+        assert_eq!((a.uid, a.gid), (101, 102), "{name} in the reply");
+        let m = std::fs::symlink_metadata(dir.path().join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (101, 102), "{name} on disk");
+    }
+    assert_eq!(
+        std::fs::symlink_metadata(dir.path().join("f"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o640
+    );
+
+    // An unchecked create of an existing file opens it and leaves its owner alone.
+    let again = attr(
+        c.call(Request::Create {
+            dir: root,
+            name: b"f".to_vec(),
+            mode: 0o600,
+            how: CreateMode::Unchecked,
+            owner: Some(proto::Owner { uid: 7, gid: 7 }),
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!((again.node, again.uid, again.mode), (f.node, 101, 0o640));
 }

@@ -16,7 +16,7 @@ pub const MAX_FRAME: usize = 2 * 1024 * 1024;
 pub const MAX_IO: u32 = 1024 * 1024;
 
 pub use crate::types::{
-    Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, SetAttr, SetTime, Time,
+    Attr, CreateMode, DirEntry, FileKind, FsStat, NodeId, Owner, SetAttr, SetTime, Time,
 };
 
 /// What a client asks. Every request that returns attributes also grants the caller a lease
@@ -68,22 +68,26 @@ pub enum Request {
         offset: u64,
         data: Vec<u8>,
     },
-    /// Reply: `Attr` of the new (or, for `Unchecked`, existing) file.
+    /// Reply: `Attr` of the new (or, for `Unchecked`, existing) file. A new node is given to
+    /// `owner` before the reply (an existing one is left alone).
     Create {
         dir: NodeId,
         name: Vec<u8>,
         mode: u32,
         how: CreateMode,
+        owner: Option<Owner>,
     },
     Mkdir {
         dir: NodeId,
         name: Vec<u8>,
         mode: u32,
+        owner: Option<Owner>,
     },
     Symlink {
         dir: NodeId,
         name: Vec<u8>,
         target: Vec<u8>,
+        owner: Option<Owner>,
     },
     /// Reply: `Link`.
     Readlink {

@@ -283,17 +283,32 @@ async fn call(
             name,
             mode,
             how,
+            owner,
         } => granted(
             share,
             session,
-            share.create(by, dir, &name, mode, how).await,
+            share.create(by, dir, &name, mode, how, owner).await,
         ),
-        Request::Mkdir { dir, name, mode } => {
-            granted(share, session, share.mkdir(by, dir, &name, mode).await)
-        }
-        Request::Symlink { dir, name, target } => {
-            granted(share, session, share.symlink(by, dir, &name, &target).await)
-        }
+        Request::Mkdir {
+            dir,
+            name,
+            mode,
+            owner,
+        } => granted(
+            share,
+            session,
+            share.mkdir(by, dir, &name, mode, owner).await,
+        ),
+        Request::Symlink {
+            dir,
+            name,
+            target,
+            owner,
+        } => granted(
+            share,
+            session,
+            share.symlink(by, dir, &name, &target, owner).await,
+        ),
         Request::Remove { dir, name } => {
             reply_of(share.remove(by, dir, &name).await, |_| Reply::Ok)
         }
