@@ -238,6 +238,10 @@ pub fn mount(opts: MountOptions) -> Result<(), MountError> {
                 warn!("unmount failed ({e}); detaching lazily");
                 detach(&mountpoint);
             }
+            // With auto_unmount, fuser's unmount only lets go of fusermount3, which unmounts
+            // when it notices; unmount here too so the session ends now. A busy mount refuses
+            // (EBUSY) and gets the grace period of `wait_end`.
+            umount(&mountpoint);
             wait_end(&ev_rx, &mountpoint, minor)
         }
         Err(_) => Ok(()),
@@ -288,6 +292,24 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .flat_map(std::env::split_paths)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// Unmounts `path` if nothing uses it; errors (not mounted any more, busy, not root) are left
+/// to the caller's fallbacks.
+fn umount(path: &Path) {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; umount2 only reads
+    // it and has no other memory effects on this process.
+    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    if rc != 0 {
+        debug!(
+            "umount2({}): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Lazily detaches the mount at `path` (MNT_DETACH): gone from the namespace at once, torn
