@@ -76,9 +76,7 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 }
 
 fn mounted(dir: &Path) -> bool {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let want = dir.to_string_lossy();
-    table.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+    shoal_fuse::mountinfo::is_mounted(dir)
 }
 
 /// The pid of the `shoal mount` process serving `target`.

@@ -150,9 +150,5 @@ impl Drop for LocalMount {
 
 /// True if `dir` is a mountpoint in this mount namespace.
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.to_string_lossy();
-    table.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+    shoal_fuse::mountinfo::is_mounted(dir)
 }

@@ -24,6 +24,7 @@
 
 pub mod cache;
 pub mod fs;
+pub mod mountinfo;
 pub mod recall;
 
 use std::ffi::CString;
@@ -330,42 +331,11 @@ fn detach(path: &Path) {
     }
 }
 
-/// The device minor of the mount at `path`, from `/proc/self/mountinfo` (no FUSE request
-/// is made: the session loop may not be running yet).
+/// The device minor of the mount at `path`, from the mount table (no FUSE request is made:
+/// the session loop may not be running yet).
 fn mount_minor(path: &Path) -> Option<u32> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.canonicalize().ok()?;
-    let want = want.to_str()?;
-    info.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let dev = f.nth(2)?;
-            let _root = f.next()?;
-            let mp = f.next()?;
-            Some((dev, mp))
-        })
-        .rfind(|(_, mp)| unescape_mountinfo(mp) == want)
-        .and_then(|(dev, _)| dev.split_once(':')?.1.parse().ok())
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let m = mountinfo::find_mount(path).ok()??;
+    m.dev.split_once(':')?.1.parse().ok()
 }
 
 /// Aborts the FUSE connection `minor` through fusectl (when fusectl is mounted), so a session
