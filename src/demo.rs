@@ -60,10 +60,22 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         }
     }
     let s = running.share.leases.stats();
+    let ms = |d: Option<std::time::Duration>| {
+        d.map_or("-".to_string(), |d| {
+            format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
     writeln!(
         out,
-        "lease counters: {} sessions, {} leases held, {} recalls sent, recall round trip median {:?}, p99 {:?}",
-        s.sessions, s.leases_held, s.recalls_sent, s.recall_rtt_median, s.recall_rtt_p99
+        "lease counters: {} sessions, {} leases held, {} recalls sent ({} acked, {} ran out), \
+         recall round trip median {}, p99 {}",
+        s.sessions,
+        s.leases_held,
+        s.recalls_sent,
+        s.recalls_acked,
+        s.recalls_expired,
+        ms(s.recall_rtt_median),
+        ms(s.recall_rtt_p99)
     )?;
     if keep {
         writeln!(out, "mounts stay up; press Ctrl-C to unmount and clean up")?;

@@ -107,13 +107,15 @@ fn main() -> ExitCode {
     ) {
         "warn"
     } else {
-        "info"
+        // nfsserve logs every accepted connection at info.
+        "info,nfsserve=warn"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Serve {

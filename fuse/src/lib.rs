@@ -137,7 +137,9 @@ pub fn mount(opts: MountOptions) -> Result<(), MountError> {
             {
                 Reply::Attr(a) => a,
                 other => {
-                    return Err(err(ClientError::Protocol(format!("{other:?}"))));
+                    return Err(err(ClientError::Protocol(format!(
+                        "unexpected reply from share: {other:?}"
+                    ))));
                 }
             }
         }

@@ -32,9 +32,9 @@ pub enum ClientError {
     Lost,
     #[error("share refused the session: {0}")]
     Refused(String),
-    #[error("{message} (errno {errno})")]
+    #[error("{message}")]
     Remote { errno: i32, message: String },
-    #[error("unexpected reply from share: {0}")]
+    #[error("{0}")]
     Protocol(String),
 }
 
@@ -284,6 +284,12 @@ impl Client {
 }
 
 async fn resolve(addr: &str, limit: Duration) -> Result<SocketAddr, ClientError> {
+    if !addr.contains(':') {
+        return Err(ClientError::Connect {
+            addr: addr.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected HOST:PORT"),
+        });
+    }
     let err = |e| ClientError::Connect {
         addr: addr.to_string(),
         source: e,
@@ -342,7 +348,16 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
     })
     .await
     .map_err(|_| ClientError::Timeout(addr.to_string(), limit))?
-    .map_err(cerr)?;
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            // Something answered, but not in our protocol.
+            ClientError::Protocol(format!(
+                "{addr} is not a Shoal lease channel (is another service on the port after the share's?)"
+            ))
+        } else {
+            cerr(e)
+        }
+    })?;
     let session = match welcome {
         Frame::Reply {
             reply:
@@ -361,7 +376,11 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
             reply: Reply::Error { message, .. },
             ..
         } => return Err(ClientError::Refused(message)),
-        other => return Err(ClientError::Protocol(format!("{other:?}"))),
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "unexpected reply from share: {other:?}"
+            )))
+        }
     };
     info!(%addr, session = session.id, term = ?session.lease_term, "session opened");
 
