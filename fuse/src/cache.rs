@@ -37,6 +37,17 @@ impl Version {
     }
 }
 
+/// What a name means after this client's own change to it.
+#[derive(Debug, Clone, Copy)]
+pub enum NameNow<'a> {
+    /// It names this node (just created).
+    Node(&'a Attr),
+    /// It names nothing (removed, or renamed away).
+    Gone,
+    /// It names something whose attributes this client does not have (renamed onto).
+    Unknown,
+}
+
 /// What a cached lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -54,6 +65,10 @@ pub struct Cache {
     attrs: HashMap<NodeId, (Attr, Instant)>,
     /// Name lookups: (directory, name) to child node (or known absence).
     entries: HashMap<(NodeId, Vec<u8>), (Option<NodeId>, Instant)>,
+    /// Directories whose names this client may answer from `entries`: a lookup in the
+    /// directory granted a lease on it, which lasts until recalled (this client's own
+    /// changes to the directory do not recall it).
+    dirs: HashMap<NodeId, Instant>,
     /// Nodes whose kernel page cache was filled under a lease held continuously since, with
     /// the content version seen and the deadline of that continuity.
     data: HashMap<NodeId, (Version, Instant)>,
@@ -86,6 +101,7 @@ impl Cache {
         self.seq += 1;
         self.attrs.clear();
         self.entries.clear();
+        self.dirs.clear();
         self.data.clear();
     }
 
@@ -107,6 +123,7 @@ impl Cache {
         for n in nodes {
             self.attrs.remove(n);
             self.data.remove(n);
+            self.dirs.remove(n);
         }
         if !nodes.is_empty() {
             self.entries.retain(|(dir, _), _| !nodes.contains(dir));
@@ -182,6 +199,7 @@ impl Cache {
         }
         self.entries
             .insert((dir, name.to_vec()), (found.map(|a| a.node), until));
+        self.dirs.insert(dir, until);
         if let Some(a) = found {
             self.put_attr(t, a, until);
         }
@@ -195,15 +213,42 @@ impl Cache {
             .and_then(|(n, _)| *n)
     }
 
+    /// This client changed `name` in `dir` (and the server acknowledged it). The directory's
+    /// attributes are stale; its other names stay valid while its lease does (the changer
+    /// keeps its lease), and `name` now means `now`.
+    pub fn own_change(&mut self, dir: NodeId, name: &[u8], now: NameNow<'_>, until: Instant) {
+        // In-flight replies about this directory predate the change: void them.
+        self.seq += 1;
+        self.attrs.remove(&dir);
+        let key = (dir, name.to_vec());
+        let leased = matches!(self.dirs.get(&dir), Some(d) if *d > Instant::now());
+        match now {
+            NameNow::Node(a) if leased => {
+                self.entries.insert(key, (Some(a.node), until));
+                self.attrs.insert(a.node, (a.clone(), until));
+            }
+            NameNow::Node(a) => {
+                self.entries.remove(&key);
+                self.attrs.insert(a.node, (a.clone(), until));
+            }
+            NameNow::Gone if leased => {
+                self.entries.insert(key, (None, until));
+            }
+            NameNow::Gone | NameNow::Unknown => {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
     /// Forgets one name in `dir` (after this client changed it).
     pub fn drop_entry(&mut self, dir: NodeId, name: &[u8]) {
         self.entries.remove(&(dir, name.to_vec()));
     }
 
-    /// A cached lookup, if the directory's lease (its attributes), the name and (when
-    /// present) the child's attributes are all live.
+    /// A cached lookup, if the directory's lease, the name and (when present) the child's
+    /// attributes are all live.
     pub fn lookup(&mut self, dir: NodeId, name: &[u8], now: Instant) -> Option<Lookup> {
-        if !matches!(self.attrs.get(&dir), Some((_, until)) if *until > now) {
+        if !matches!(self.dirs.get(&dir), Some(until) if *until > now) {
             self.misses += 1;
             return None;
         }
@@ -294,6 +339,32 @@ mod tests {
         // The name is still known, but the child's attributes are not: a miss.
         assert_eq!(c.lookup(1, b"a", Instant::now()), None);
         assert_eq!(c.attr(5, Instant::now()), None);
+    }
+
+    #[test]
+    fn own_changes_keep_the_directory_s_other_names() {
+        let mut c = Cache::new(1);
+        let t = c.ticket();
+        c.put_entry(t, 1, b"a", Some(&attr(5, 3)), later());
+        c.put_entry(t, 1, b"gone", None, later());
+        c.own_change(1, b"new", NameNow::Node(&attr(6, 0)), later());
+        c.own_change(1, b"a", NameNow::Gone, later());
+        let now = Instant::now();
+        assert_eq!(c.lookup(1, b"new", now), Some(Lookup::Found(attr(6, 0))));
+        assert_eq!(c.lookup(1, b"a", now), Some(Lookup::Missing));
+        assert_eq!(c.lookup(1, b"gone", now), Some(Lookup::Missing));
+        c.own_change(1, b"gone", NameNow::Unknown, later());
+        assert_eq!(
+            c.lookup(1, b"gone", now),
+            None,
+            "renamed onto: ask the server"
+        );
+        // Without a lease on the directory, nothing is answered from the cache.
+        c.own_change(2, b"x", NameNow::Gone, later());
+        assert_eq!(c.lookup(2, b"x", now), None);
+        // Another client's change recalls the directory: all its names go.
+        c.recall(&[1]);
+        assert_eq!(c.lookup(1, b"new", now), None);
     }
 
     #[test]

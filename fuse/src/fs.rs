@@ -27,7 +27,7 @@ use shoal_nfs::channel::proto::{
 };
 use tracing::{debug, warn};
 
-use crate::cache::{Cache, Lookup, Ticket};
+use crate::cache::{Cache, Lookup, NameNow, Ticket};
 
 /// Longest attribute TTL handed to the kernel, even under a long lease.
 const ATTR_TTL_CAP: Duration = Duration::from_secs(60);
@@ -267,9 +267,15 @@ impl Shared {
         reply.entry_with_ttls(&ttl, &ENTRY_TTL, &self.file_attr(attr), Generation(0));
     }
 
-    /// Forgets what this client cached about a directory it just changed (and the child).
+    /// Forgets what this client cached about nodes its own change touched.
     fn changed(&self, nodes: &[NodeId]) {
         self.cache.lock().unwrap().recall(nodes);
+    }
+
+    /// Records this client's own change of `name` in `dir` (see `Cache::own_change`).
+    fn own_change(&self, dir: NodeId, name: &[u8], now: NameNow<'_>) {
+        let (_, until) = lease_window(&self.client);
+        self.cache.lock().unwrap().own_change(dir, name, now, until);
     }
 
     /// Tells the server this client opened `node` once more: while it is open here, the
@@ -568,19 +574,19 @@ impl Filesystem for ShoalFs {
             return;
         }
         let dir = self.shared.node(parent);
-        let name = name.as_bytes().to_vec();
+        let created_name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(move |s| async move {
             let r = s
                 .call_attr(Request::Create {
                     dir,
-                    name,
+                    name: created_name.clone(),
                     mode: mode & 0o7777,
                     how: CreateMode::Guarded,
                     owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r).await {
+            match finish_create(&s, dir, &created_name, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -601,18 +607,18 @@ impl Filesystem for ShoalFs {
             return;
         }
         let dir = self.shared.node(parent);
-        let name = name.as_bytes().to_vec();
+        let created_name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(move |s| async move {
             let r = s
                 .call_attr(Request::Mkdir {
                     dir,
-                    name,
+                    name: created_name.clone(),
                     mode: mode & 0o7777,
                     owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r).await {
+            match finish_create(&s, dir, &created_name, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -638,9 +644,7 @@ impl Filesystem for ShoalFs {
                 .await
                 .1
                 .map(|_| ());
-            let mut changed = vec![dir];
-            changed.extend(child);
-            s.changed(&changed);
+            after_removal(&s, dir, &name, child, res.is_ok());
             match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -657,10 +661,14 @@ impl Filesystem for ShoalFs {
         let name = name.as_bytes().to_vec();
         self.spawn(move |s| async move {
             let child = s.cache.lock().unwrap().peek_entry(dir, &name);
-            let r = s.call(Request::Rmdir { dir, name }).await.1;
-            let mut changed = vec![dir];
-            changed.extend(child);
-            s.changed(&changed);
+            let r = s
+                .call(Request::Rmdir {
+                    dir,
+                    name: name.clone(),
+                })
+                .await
+                .1;
+            after_removal(&s, dir, &name, child, r.is_ok());
             match r {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -681,19 +689,19 @@ impl Filesystem for ShoalFs {
             return;
         }
         let dir = self.shared.node(parent);
-        let name = link_name.as_bytes().to_vec();
+        let created_name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(move |s| async move {
             let r = s
                 .call_attr(Request::Symlink {
                     dir,
-                    name,
+                    name: created_name.clone(),
                     target,
                     owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r).await {
+            match finish_create(&s, dir, &created_name, r).await {
                 Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
                 Err(e) => reply.error(e),
             }
@@ -725,43 +733,51 @@ impl Filesystem for ShoalFs {
         let from_name = name.as_bytes().to_vec();
         let to_name = newname.as_bytes().to_vec();
         self.spawn(move |s| async move {
-            let moved = s.cache.lock().unwrap().peek_entry(from_dir, &from_name);
-            // The replaced file, if any: refuse it for NOREPLACE (checked against the server,
-            // not atomic with the rename), keep it reachable if it is open here.
-            let target = match s
-                .call_attr(Request::Lookup {
-                    dir: to_dir,
-                    name: to_name.clone(),
-                })
-                .await
-                .1
-            {
-                Ok(a) => Some(a),
-                Err(e) if e == Errno::ENOENT => None,
-                Err(e) => {
-                    reply.error(e);
-                    return;
-                }
+            let (moved, replaced) = {
+                let c = s.cache.lock().unwrap();
+                (
+                    c.peek_entry(from_dir, &from_name),
+                    c.peek_entry(to_dir, &to_name),
+                )
             };
-            if noreplace && target.is_some() {
-                reply.error(Errno::EEXIST);
-                return;
-            }
-            let mut changed = vec![from_dir, to_dir];
-            changed.extend(moved);
-            if let Some(t) = &target {
-                changed.push(t.node);
+            // NOREPLACE is checked against the server, not atomically with the rename.
+            if noreplace {
+                let exists = s
+                    .call_attr(Request::Lookup {
+                        dir: to_dir,
+                        name: to_name.clone(),
+                    })
+                    .await
+                    .1;
+                match exists {
+                    Ok(_) => {
+                        reply.error(Errno::EEXIST);
+                        return;
+                    }
+                    Err(e) if e == Errno::ENOENT => {}
+                    Err(e) => {
+                        reply.error(e);
+                        return;
+                    }
+                }
             }
             let r = s
                 .call(Request::Rename {
                     from_dir,
-                    from_name,
+                    from_name: from_name.clone(),
                     to_dir,
-                    to_name,
+                    to_name: to_name.clone(),
                 })
                 .await
                 .1;
-            s.changed(&changed);
+            let nodes: Vec<NodeId> = moved.into_iter().chain(replaced).collect();
+            if r.is_ok() {
+                s.own_change(from_dir, &from_name, NameNow::Gone);
+                s.own_change(to_dir, &to_name, NameNow::Unknown);
+                s.changed(&nodes);
+            } else {
+                s.changed(&[&[from_dir, to_dir][..], &nodes].concat());
+            }
             match r {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -1092,7 +1108,7 @@ impl Filesystem for ShoalFs {
             return;
         }
         let dir = self.shared.node(parent);
-        let name = name.as_bytes().to_vec();
+        let created_name = name.as_bytes().to_vec();
         let how = if flags & libc::O_EXCL != 0 {
             CreateMode::Guarded
         } else {
@@ -1103,13 +1119,13 @@ impl Filesystem for ShoalFs {
             let r = s
                 .call_attr(Request::Create {
                     dir,
-                    name,
+                    name: created_name.clone(),
                     mode: mode & 0o7777,
                     how,
                     owner: Some(Owner { uid, gid }),
                 })
                 .await;
-            match finish_create(&s, dir, r).await {
+            match finish_create(&s, dir, &created_name, r).await {
                 Ok((ttl, a)) => {
                     {
                         let (_, until) = lease_window(&s.client);
@@ -1132,17 +1148,34 @@ impl Filesystem for ShoalFs {
     }
 }
 
-/// After a create, mkdir or symlink (the server gave the new node to the caller): forgets
-/// the directory's cached state and caches the node's attributes.
+/// After this client removed `name` from `dir`: the name is gone (or, if the call failed,
+/// what it means is unknown); the removed node's attributes are stale either way.
+fn after_removal(s: &Shared, dir: NodeId, name: &[u8], child: Option<NodeId>, done: bool) {
+    s.own_change(
+        dir,
+        name,
+        if done {
+            NameNow::Gone
+        } else {
+            NameNow::Unknown
+        },
+    );
+    if let Some(c) = child {
+        s.changed(&[c]);
+    }
+}
+
+/// After a create, mkdir or symlink (the server gave the new node to the caller): `name` in
+/// `dir` now names the new node, which this client may cache (it holds its lease).
 async fn finish_create(
     s: &Shared,
     dir: NodeId,
+    name: &[u8],
     created: (Ticket, Result<Attr, Errno>),
 ) -> Result<(Duration, Attr), Errno> {
-    s.changed(&[dir]);
-    let (t, r) = created;
-    let a = r?;
-    let ttl = s.keep_attr(t, &a, true);
+    let a = created.1?;
+    s.own_change(dir, name, NameNow::Node(&a));
+    let (ttl, _) = lease_window(&s.client);
     Ok((ttl, a))
 }
 
