@@ -13,6 +13,7 @@ use tracing::info;
 mod bench;
 mod demo;
 mod local;
+mod stats;
 
 #[derive(Parser)]
 #[command(
@@ -135,7 +136,7 @@ fn main() -> ExitCode {
             share,
         } => csi(endpoint, node_id, share),
         Command::Demo { keep } => demo::run(keep),
-        Command::Stats { share } => stats(share),
+        Command::Stats { share } => stats::run(&share),
         Command::Bench {
             iterations,
             files,
@@ -165,7 +166,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
@@ -226,33 +227,7 @@ fn csi(endpoint: String, node_id: String, share: Option<String>) -> anyhow::Resu
     Ok(())
 }
 
-fn stats(share: String) -> anyhow::Result<()> {
-    use shoal_nfs::channel::client::{Client, ClientOptions};
-    use shoal_nfs::channel::proto::{Reply, Request};
-    let c = runtime()?.block_on(async {
-        let opts = ClientOptions {
-            name: format!("shoal-stats@{}", hostname()),
-            ..ClientOptions::default()
-        };
-        let (client, _, _) = Client::connect(&share, opts).await?;
-        match client.call(Request::Counters).await? {
-            Reply::Counters(c) => Ok::<_, anyhow::Error>(c),
-            other => anyhow::bail!("unexpected reply: {other:?}"),
-        }
-    })?;
-    let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} us"));
-    println!("sessions          {}", c.sessions);
-    println!("leases held       {}", c.leases_held);
-    println!("recalls sent      {}", c.recalls_sent);
-    println!("recalls acked     {}", c.recalls_acked);
-    println!("recalls expired   {}", c.recalls_expired);
-    println!("sessions revoked  {}", c.sessions_revoked);
-    println!("recall rtt median {}", us(c.recall_rtt_median_us));
-    println!("recall rtt p99    {}", us(c.recall_rtt_p99_us));
-    Ok(())
-}
-
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "shoal".into())
