@@ -216,7 +216,22 @@ impl Cache {
     /// This client changed `name` in `dir` (and the server acknowledged it). The directory's
     /// attributes are stale; its other names stay valid while its lease does (the changer
     /// keeps its lease), and `name` now means `now`.
-    pub fn own_change(&mut self, dir: NodeId, name: &[u8], now: NameNow<'_>, until: Instant) {
+    ///
+    /// `t` is the ticket taken before the change was sent: if a recall or a new session came
+    /// since, what the reply says may be older than that recall, so `name` is only forgotten.
+    pub fn own_change(
+        &mut self,
+        t: Ticket,
+        dir: NodeId,
+        name: &[u8],
+        now: NameNow<'_>,
+        until: Instant,
+    ) {
+        let now = if self.current(t) {
+            now
+        } else {
+            NameNow::Unknown
+        };
         // In-flight replies about this directory predate the change: void them.
         self.seq += 1;
         self.attrs.remove(&dir);
@@ -347,21 +362,26 @@ mod tests {
         let t = c.ticket();
         c.put_entry(t, 1, b"a", Some(&attr(5, 3)), later());
         c.put_entry(t, 1, b"gone", None, later());
-        c.own_change(1, b"new", NameNow::Node(&attr(6, 0)), later());
-        c.own_change(1, b"a", NameNow::Gone, later());
+        c.own_change(c.ticket(), 1, b"new", NameNow::Node(&attr(6, 0)), later());
+        c.own_change(c.ticket(), 1, b"a", NameNow::Gone, later());
         let now = Instant::now();
         assert_eq!(c.lookup(1, b"new", now), Some(Lookup::Found(attr(6, 0))));
         assert_eq!(c.lookup(1, b"a", now), Some(Lookup::Missing));
         assert_eq!(c.lookup(1, b"gone", now), Some(Lookup::Missing));
-        c.own_change(1, b"gone", NameNow::Unknown, later());
+        c.own_change(c.ticket(), 1, b"gone", NameNow::Unknown, later());
         assert_eq!(
             c.lookup(1, b"gone", now),
             None,
             "renamed onto: ask the server"
         );
         // Without a lease on the directory, nothing is answered from the cache.
-        c.own_change(2, b"x", NameNow::Gone, later());
+        c.own_change(c.ticket(), 2, b"x", NameNow::Gone, later());
         assert_eq!(c.lookup(2, b"x", now), None);
+        // A reply that raced a recall is not believed: the name is only forgotten.
+        let stale = c.ticket();
+        c.recall(&[6]);
+        c.own_change(stale, 1, b"late", NameNow::Node(&attr(7, 0)), later());
+        assert_eq!(c.lookup(1, b"late", now), None);
         // Another client's change recalls the directory: all its names go.
         c.recall(&[1]);
         assert_eq!(c.lookup(1, b"new", now), None);

@@ -272,10 +272,14 @@ impl Shared {
         self.cache.lock().unwrap().recall(nodes);
     }
 
-    /// Records this client's own change of `name` in `dir` (see `Cache::own_change`).
-    fn own_change(&self, dir: NodeId, name: &[u8], now: NameNow<'_>) {
+    /// Records this client's own change of `name` in `dir`, sent under ticket `t` (see
+    /// `Cache::own_change`).
+    fn own_change(&self, t: Ticket, dir: NodeId, name: &[u8], now: NameNow<'_>) {
         let (_, until) = lease_window(&self.client);
-        self.cache.lock().unwrap().own_change(dir, name, now, until);
+        self.cache
+            .lock()
+            .unwrap()
+            .own_change(t, dir, name, now, until);
     }
 
     /// Tells the server this client opened `node` once more: while it is open here, the
@@ -636,15 +640,14 @@ impl Filesystem for ShoalFs {
             // The server keeps the file's data for whoever still has it open (here or on
             // another node) until the last close.
             let child = s.cache.lock().unwrap().peek_entry(dir, &name);
-            let res = s
+            let (t, res) = s
                 .call(Request::Remove {
                     dir,
                     name: name.clone(),
                 })
-                .await
-                .1
-                .map(|_| ());
-            after_removal(&s, dir, &name, child, res.is_ok());
+                .await;
+            let res = res.map(|_| ());
+            after_removal(&s, t, dir, &name, child, res.is_ok());
             match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -661,14 +664,13 @@ impl Filesystem for ShoalFs {
         let name = name.as_bytes().to_vec();
         self.spawn(move |s| async move {
             let child = s.cache.lock().unwrap().peek_entry(dir, &name);
-            let r = s
+            let (t, r) = s
                 .call(Request::Rmdir {
                     dir,
                     name: name.clone(),
                 })
-                .await
-                .1;
-            after_removal(&s, dir, &name, child, r.is_ok());
+                .await;
+            after_removal(&s, t, dir, &name, child, r.is_ok());
             match r {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -761,19 +763,19 @@ impl Filesystem for ShoalFs {
                     }
                 }
             }
-            let r = s
+            let (t, r) = s
                 .call(Request::Rename {
                     from_dir,
                     from_name: from_name.clone(),
                     to_dir,
                     to_name: to_name.clone(),
                 })
-                .await
-                .1;
+                .await;
             let nodes: Vec<NodeId> = moved.into_iter().chain(replaced).collect();
             if r.is_ok() {
-                s.own_change(from_dir, &from_name, NameNow::Gone);
-                s.own_change(to_dir, &to_name, NameNow::Unknown);
+                s.own_change(t, from_dir, &from_name, NameNow::Gone);
+                // The first own_change moved the ticket on: this one only forgets the name.
+                s.own_change(t, to_dir, &to_name, NameNow::Unknown);
                 s.changed(&nodes);
             } else {
                 s.changed(&[&[from_dir, to_dir][..], &nodes].concat());
@@ -1150,16 +1152,20 @@ impl Filesystem for ShoalFs {
 
 /// After this client removed `name` from `dir`: the name is gone (or, if the call failed,
 /// what it means is unknown); the removed node's attributes are stale either way.
-fn after_removal(s: &Shared, dir: NodeId, name: &[u8], child: Option<NodeId>, done: bool) {
-    s.own_change(
-        dir,
-        name,
-        if done {
-            NameNow::Gone
-        } else {
-            NameNow::Unknown
-        },
-    );
+fn after_removal(
+    s: &Shared,
+    t: Ticket,
+    dir: NodeId,
+    name: &[u8],
+    child: Option<NodeId>,
+    done: bool,
+) {
+    let now = if done {
+        NameNow::Gone
+    } else {
+        NameNow::Unknown
+    };
+    s.own_change(t, dir, name, now);
     if let Some(c) = child {
         s.changed(&[c]);
     }
@@ -1173,8 +1179,9 @@ async fn finish_create(
     name: &[u8],
     created: (Ticket, Result<Attr, Errno>),
 ) -> Result<(Duration, Attr), Errno> {
-    let a = created.1?;
-    s.own_change(dir, name, NameNow::Node(&a));
+    let (t, r) = created;
+    let a = r?;
+    s.own_change(t, dir, name, NameNow::Node(&a));
     let (ttl, _) = lease_window(&s.client);
     Ok((ttl, a))
 }

@@ -133,7 +133,7 @@ pub struct LeaseTable {
     recalls_acked: AtomicU64,
     recalls_expired: AtomicU64,
     sessions_revoked: AtomicU64,
-    rtts: Mutex<Vec<Duration>>,
+    rtts: Mutex<VecDeque<Duration>>,
 }
 
 impl LeaseTable {
@@ -154,7 +154,7 @@ impl LeaseTable {
             recalls_acked: AtomicU64::new(0),
             recalls_expired: AtomicU64::new(0),
             sessions_revoked: AtomicU64::new(0),
-            rtts: Mutex::new(Vec::new()),
+            rtts: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -327,32 +327,45 @@ impl LeaseTable {
         Recall { waits }
     }
 
-    fn finished(&self, p: &Pending, acked: bool) {
-        if acked {
-            self.recalls_acked.fetch_add(1, Ordering::Relaxed);
-            let mut rtts = self.rtts.lock().unwrap();
-            if rtts.len() >= RTT_SAMPLES {
-                rtts.remove(0);
+    /// Books the end of one recall. Returns the instant the change must still wait for: a
+    /// holder revoked while its lease was current may trust its cache until that lease
+    /// (last renewed after the recall was sent, perhaps) runs out.
+    fn finished(&self, p: &Pending, outcome: Outcome) -> Option<Instant> {
+        match outcome {
+            Outcome::Acked => {
+                self.recalls_acked.fetch_add(1, Ordering::Relaxed);
+                let mut rtts = self.rtts.lock().unwrap();
+                if rtts.len() >= RTT_SAMPLES {
+                    rtts.pop_front();
+                }
+                rtts.push_back(p.sent.elapsed());
+                return None;
             }
-            rtts.push(p.sent.elapsed());
-            return;
+            // The session ended (its client went away): its leases went with it.
+            Outcome::SessionClosed => return None,
+            Outcome::TimedOut => {}
         }
         self.recalls_expired.fetch_add(1, Ordering::Relaxed);
         p.session.pending.lock().unwrap().remove(&p.recall);
-        // A session whose lease is still current but did not answer is revoked: closing it
-        // tells the client that none of its cache may be trusted.
-        if p.session.expires() > Instant::now() && !p.session.ended() {
+        let expires = p.session.expires();
+        if expires > Instant::now() && !p.session.ended() {
+            // Alive (it renewed) but silent: revoke it. Closing the session refuses further
+            // renewals and closes its connection, which tells the client that none of its
+            // cache may be trusted; until its last renewal runs out it might still trust it,
+            // so the change waits for that too.
             warn!(session = p.session.id, client = %p.session.name, "recall unanswered; revoking session");
             self.sessions_revoked.fetch_add(1, Ordering::Relaxed);
             self.close_session(p.session.id);
             p.session.revoked.notify_one();
+            Some(expires)
         } else {
             info!(session = p.session.id, client = %p.session.name, "lease ran out during recall");
+            None
         }
     }
 
     pub fn stats(&self) -> LeaseStats {
-        let mut rtts = self.rtts.lock().unwrap().clone();
+        let mut rtts: Vec<Duration> = self.rtts.lock().unwrap().iter().copied().collect();
         rtts.sort();
         let pct = |p: f64| {
             (!rtts.is_empty()).then(|| rtts[((rtts.len() - 1) as f64 * p).round() as usize])
@@ -368,6 +381,13 @@ impl LeaseTable {
             recall_rtt_p99: pct(0.99),
         }
     }
+}
+
+/// How one recall ended.
+enum Outcome {
+    Acked,
+    SessionClosed,
+    TimedOut,
 }
 
 struct Pending {
@@ -394,10 +414,16 @@ impl Recall {
     pub async fn wait(self, table: &LeaseTable) {
         for mut p in self.waits {
             let left = p.deadline.saturating_duration_since(Instant::now());
-            let acked = matches!(tokio::time::timeout(left, &mut p.rx).await, Ok(Ok(())));
-            // A closed session drops its pending senders: that is not an ack, but its leases
-            // are gone, so there is nothing to wait for either.
-            table.finished(&p, acked);
+            let outcome = match tokio::time::timeout(left, &mut p.rx).await {
+                Ok(Ok(())) => Outcome::Acked,
+                // A closed session drops its pending senders: not an ack, but its leases are
+                // gone, so there is nothing to wait for either.
+                Ok(Err(_)) => Outcome::SessionClosed,
+                Err(_) => Outcome::TimedOut,
+            };
+            if let Some(until) = table.finished(&p, outcome) {
+                tokio::time::sleep_until(until).await;
+            }
         }
     }
 }
@@ -459,6 +485,32 @@ mod tests {
         assert!(!t.renew(b.id), "a lapsed lease is not revived");
         assert!(b.ended());
         assert_eq!(t.stats().leases_held, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_that_renews_but_never_acks_is_revoked_and_waited_out() {
+        let t = LeaseTable::new(Duration::from_secs(10));
+        let (b, _brx) = session(&t, "b");
+        t.grant(b.id, &[3]);
+        let started = Instant::now();
+        let recall = t.recall(None, &[3]);
+        // b keeps renewing during the recall (it is alive, just not answering).
+        let renewing = async {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                t.renew(b.id);
+            }
+        };
+        tokio::join!(recall.wait(&t), renewing);
+        // Renewed at 9 s, so b may trust its cache until 19 s: the change waited that long.
+        assert!(
+            started.elapsed() >= Duration::from_secs(19),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(b.ended(), "revoked");
+        assert!(!t.renew(b.id), "no renewal after revocation");
+        assert_eq!(t.stats().sessions_revoked, 1);
     }
 
     #[tokio::test]

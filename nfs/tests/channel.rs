@@ -75,8 +75,12 @@ async fn a_write_recalls_the_other_clients_lease_and_is_counted() {
         .unwrap()
         .unwrap();
     assert_eq!(recall.nodes, vec![file.node]);
+    // Unacknowledged, the write stays pending (a's lease has 10 s left).
+    let mut write = write;
     assert!(
-        !write.is_finished(),
+        tokio::time::timeout(Duration::from_millis(500), &mut write)
+            .await
+            .is_err(),
         "the write waits for the recall to be acknowledged"
     );
     a.ack_recall(recall.recall);

@@ -28,13 +28,16 @@ impl RecallSink for Outgoing {
     }
 }
 
-/// Accepts channel connections until the task is dropped.
+/// Accepts channel connections until the task is dropped; dropping it also ends every
+/// connection it accepted.
 pub async fn serve(listener: TcpListener, share: Arc<Share>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let share = share.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = connection(stream, share).await {
                         debug!(%peer, "channel connection ended: {e}");
                     }
@@ -124,9 +127,18 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
         }
     });
 
+    // A live client renews every third of a term; two terms of silence mean it is gone
+    // (power lost, cable pulled) even if the TCP connection never says so.
+    let silence = share.leases.term() * 2;
     let result = loop {
         let frame = tokio::select! {
-            f = read_one(&mut rd) => f,
+            f = tokio::time::timeout(silence, read_one(&mut rd)) => match f {
+                Ok(f) => f,
+                Err(_) => {
+                    warn!(%peer, session = session.id, "client silent for two lease terms; closing");
+                    break Ok(());
+                }
+            },
             _ = session.revoked.notified() => break Ok(()),
         };
         match frame {
@@ -139,6 +151,14 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
                 request: Request::Close { node },
                 ..
             }) => share.close(session.id, node),
+            // Releases too: a lookup sent after a release must be granted after it.
+            Ok(Frame::Call {
+                id,
+                request: Request::Release { nodes },
+            }) => {
+                share.leases.release(session.id, &nodes);
+                send(&out, id, Reply::Ok);
+            }
             Ok(Frame::Call { id, request }) => {
                 let (share, session, out) = (share.clone(), session.clone(), out.clone());
                 tokio::spawn(async move { call(&share, &session, &out, id, request).await });
@@ -206,12 +226,8 @@ async fn call(
             share.leases.ack(session.id, recall);
             return;
         }
-        // Counted by the connection loop, in order; never reach here.
-        Request::Open { .. } | Request::Close { .. } => return,
-        Request::Release { nodes } => {
-            share.leases.release(session.id, &nodes);
-            Reply::Ok
-        }
+        // Handled by the connection loop, in order; never reach here.
+        Request::Open { .. } | Request::Close { .. } | Request::Release { .. } => return,
         Request::Resolve { path } => {
             let root = share.volume.root_id();
             return cached(&[root], &|v| v.resolve(&path).map(Reply::Attr), &attr_node);
@@ -284,31 +300,28 @@ async fn call(
             mode,
             how,
             owner,
-        } => granted(
-            share,
-            session,
-            share.create(by, dir, &name, mode, how, owner).await,
-        ),
+        } => {
+            let made = share.create(by, dir, &name, mode, how, owner).await;
+            return made_node(share, session, out, id, made);
+        }
         Request::Mkdir {
             dir,
             name,
             mode,
             owner,
-        } => granted(
-            share,
-            session,
-            share.mkdir(by, dir, &name, mode, owner).await,
-        ),
+        } => {
+            let made = share.mkdir(by, dir, &name, mode, owner).await;
+            return made_node(share, session, out, id, made);
+        }
         Request::Symlink {
             dir,
             name,
             target,
             owner,
-        } => granted(
-            share,
-            session,
-            share.symlink(by, dir, &name, &target, owner).await,
-        ),
+        } => {
+            let made = share.symlink(by, dir, &name, &target, owner).await;
+            return made_node(share, session, out, id, made);
+        }
         Request::Remove { dir, name } => {
             reply_of(share.remove(by, dir, &name).await, |_| Reply::Ok)
         }
@@ -335,10 +348,25 @@ fn attr_node(r: &Reply) -> Vec<NodeId> {
     }
 }
 
-/// The reply to a call that made a node: the caller may cache it, so it holds its lease.
-fn granted(share: &Share, session: &Session, r: VolResult<crate::types::Attr>) -> Reply {
-    if let Ok(a) = &r {
-        share.leases.grant(session.id, &[a.node]);
+/// The reply to a call that made a node. The caller will cache it, so it is granted the
+/// node's lease and given its attributes read after the grant (through `cached`, ordered
+/// against recalls): a change by anyone between the creation and the grant is either in
+/// those attributes or recalled.
+fn made_node(
+    share: &Share,
+    session: &Session,
+    out: &mpsc::UnboundedSender<Vec<u8>>,
+    id: u64,
+    made: VolResult<crate::types::Attr>,
+) {
+    match made {
+        Ok(a) => share.cached_read(
+            session,
+            &[a.node],
+            |v| v.getattr(a.node).map(Reply::Attr),
+            |_| Vec::new(),
+            |r| send(out, id, reply_of(r, |x| x)),
+        ),
+        Err(VolumeError { errno, message }) => send(out, id, Reply::Error { errno, message }),
     }
-    reply_of(r, Reply::Attr)
 }
