@@ -10,6 +10,7 @@
 //! - [`channel`]: the FUSE clients' protocol (wire types, client, server end).
 //! - [`server`]: `shoal serve`: listeners, start-up checks, shutdown.
 
+pub mod beneath;
 pub mod channel;
 pub mod lease;
 pub mod nfs3;

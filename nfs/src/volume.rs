@@ -3,26 +3,32 @@
 //!
 //! Owns the map from node id to a place inside the export, every I/O on the real directory,
 //! and containment: names are single components (never `.`, `..`, or containing `/`), paths
-//! are only ever built from the node table under the export root, and the final component is
-//! never followed if it is a symlink. Nothing outside the export can be named, opened or
-//! changed through a volume. It knows nothing of protocols or leases.
+//! are only ever built from the node table under the export root, and they are resolved with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` from the open root.
+//! Changes are made on descriptors ([`crate::beneath`]): a directory opened that way plus
+//! one name, or the node itself opened `O_PATH`; no symlink is followed, and a directory
+//! swapped for a symlink after the check cannot redirect a change. Nothing outside the
+//! export can be named, opened or changed through a volume. It knows nothing of protocols
+//! or leases.
 //!
 //! Node ids are inode numbers, so they survive a restart of the server on the same data. A
 //! node the table does not know yet (after a restart) is found by walking the export once.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+
+use crate::beneath::{self, Dir};
 use tracing::{debug, info, warn};
 
 use crate::types::{
@@ -304,6 +310,40 @@ impl Volume {
         Ok(self.dir_path(dir)?.join(OsStr::from_bytes(name)))
     }
 
+    /// Directory `dir`, opened beneath the export root (`O_PATH`) and checked to be that node:
+    /// every change inside it is made relative to this descriptor, never to a path string.
+    fn dir(&self, dir: NodeId) -> VolResult<Dir> {
+        let path = self.dir_path(dir)?;
+        let f = self
+            .open_beneath(
+                &path,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| VolumeError::io(&format!("directory {dir}"), e))?;
+        let m = f
+            .metadata()
+            .map_err(|e| VolumeError::io(&format!("directory {dir}"), e))?;
+        if m.ino() != dir || m.dev() != self.dev {
+            return Err(VolumeError::stale(dir));
+        }
+        Ok(Dir(f))
+    }
+
+    /// `name` in directory `dir`, checked to be one component and not reserved: the open
+    /// directory and the name for a `*at` call.
+    fn entry(&self, dir: NodeId, name: &[u8]) -> VolResult<(Dir, CString)> {
+        check_name(name)?;
+        if self.is_reserved(dir, name) {
+            return Err(VolumeError::new(
+                libc::EACCES,
+                format!("{}: reserved by Shoal at the export root", lossy(name)),
+            ));
+        }
+        let c = CString::new(name).map_err(|_| VolumeError::new(libc::EINVAL, "NUL in name"))?;
+        Ok((self.dir(dir)?, c))
+    }
+
     /// Records that `meta` sits at `name` in `dir` and returns its attributes.
     fn remember(&self, dir: NodeId, name: &[u8], meta: &fs::Metadata) -> Attr {
         self.places.insert(
@@ -330,8 +370,10 @@ impl Volume {
                 format!("{}: no such entry", lossy(name)),
             ));
         }
-        let path = self.child_path(dir, name)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let (d, c) = self.entry(dir, name)?;
+        let meta = d
+            .child_meta(&c)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         if meta.dev() != self.dev {
             return Err(VolumeError::new(
                 libc::EXDEV,
@@ -400,8 +442,8 @@ impl Volume {
     /// The cookie of an entry is its node id: a resumed listing neither repeats nor skips an
     /// entry that stayed in the directory, whatever else was added or removed meanwhile.
     pub fn readdir(&self, dir: NodeId, after: u64, max: usize) -> VolResult<(Vec<DirEntry>, bool)> {
-        let path = self.dir_path(dir)?;
-        let listing = self.listing(dir, &path)?;
+        let d = self.dir(dir)?;
+        let listing = self.listing(dir, &d)?;
         let start = listing.partition_point(|(id, _)| *id <= after);
         let mut out = Vec::new();
         let mut i = start;
@@ -412,7 +454,10 @@ impl Volume {
                 continue;
             }
             // The entry may have gone since the listing was taken; skip it then.
-            let Ok(meta) = fs::symlink_metadata(path.join(name)) else {
+            let Ok(c) = CString::new(name.as_bytes()) else {
+                continue;
+            };
+            let Ok(meta) = d.child_meta(&c) else {
                 continue;
             };
             if meta.ino() != *id {
@@ -428,8 +473,8 @@ impl Volume {
         Ok((out, i >= listing.len()))
     }
 
-    fn listing(&self, dir: NodeId, path: &Path) -> VolResult<Arc<Vec<(NodeId, OsString)>>> {
-        let meta = fs::metadata(path).map_err(|e| VolumeError::io("readdir", e))?;
+    fn listing(&self, dir: NodeId, d: &Dir) -> VolResult<Arc<Vec<(NodeId, OsString)>>> {
+        let meta = d.0.metadata().map_err(|e| VolumeError::io("readdir", e))?;
         let mtime = (meta.mtime(), meta.mtime_nsec());
         if let Some(l) = self.listings.get(&dir) {
             if l.mtime == mtime {
@@ -437,7 +482,7 @@ impl Volume {
             }
         }
         let mut entries = Vec::new();
-        for entry in fs::read_dir(path).map_err(|e| VolumeError::io("readdir", e))? {
+        for entry in d.read_dir().map_err(|e| VolumeError::io("readdir", e))? {
             let entry = entry.map_err(|e| VolumeError::io("readdir", e))?;
             use std::os::unix::fs::DirEntryExt;
             entries.push((entry.ino(), entry.file_name()));
@@ -506,25 +551,37 @@ impl Volume {
                 .set_len(size)
                 .map_err(|e| VolumeError::io(&what("size"), e))?;
         }
+        // The node itself, opened beneath the root without following it: owner, mode and
+        // times are changed on that inode, whatever is renamed over its path meanwhile.
+        let f = self
+            .open_beneath(&path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(|e| VolumeError::io(&what("open"), e))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| VolumeError::io(&what("open"), e))?;
+        if meta.ino() != node {
+            return Err(VolumeError::stale(node));
+        }
+        let symlink = meta.file_type().is_symlink();
         if set.uid.is_some() || set.gid.is_some() {
-            std::os::unix::fs::lchown(&path, set.uid, set.gid)
-                .map_err(|e| VolumeError::io(&what("owner"), e))?;
+            beneath::chown(&f, set.uid, set.gid).map_err(|e| VolumeError::io(&what("owner"), e))?;
         }
         if let Some(mode) = set.mode {
-            if !meta.file_type().is_symlink() {
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
-                    .map_err(|e| VolumeError::io(&what("mode"), e))?;
+            if !symlink {
+                beneath::chmod(&f, mode).map_err(|e| VolumeError::io(&what("mode"), e))?;
             }
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            set_times(&path, set.atime, set.mtime)
-                .map_err(|e| VolumeError::io(&what("times"), e))?;
+            if symlink {
+                set_times(&path, set.atime, set.mtime)
+            } else {
+                beneath::set_times(&f, set.atime, set.mtime)
+            }
+            .map_err(|e| VolumeError::io(&what("times"), e))?;
         }
         self.getattr(node)
     }
 
-    /// Creates a regular file. `Unchecked` on an existing file opens it (and applies `mode`
-    /// only to a new file); `Guarded` fails with EEXIST.
     /// Creates a regular file. `Unchecked` on an existing file opens it (and leaves its mode
     /// and owner alone); `Guarded` fails with EEXIST. A new file is given to `owner`.
     pub fn create(
@@ -557,7 +614,7 @@ impl Volume {
             ));
         }
         if new {
-            meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
+            meta = give(&file, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
         }
         Ok(self.remember(dir, name, &meta))
     }
@@ -569,13 +626,10 @@ impl Volume {
         mode: u32,
         owner: Option<Owner>,
     ) -> VolResult<Attr> {
-        let path = self.child_path(dir, name)?;
-        fs::DirBuilder::new()
-            .mode(mode & 0o7777)
-            .create(&path)
+        let (d, c) = self.entry(dir, name)?;
+        d.mkdir(&c, mode & 0o7777)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
-        let meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = made(&d, &c, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
         Ok(self.remember(dir, name, &meta))
     }
 
@@ -588,46 +642,54 @@ impl Volume {
         target: &[u8],
         owner: Option<Owner>,
     ) -> VolResult<Attr> {
-        let path = self.child_path(dir, name)?;
-        if target.is_empty() || target.contains(&0) {
-            return Err(VolumeError::new(
-                libc::EINVAL,
-                "symlink target is empty or has a NUL byte",
-            ));
-        }
-        std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+        let (d, c) = self.entry(dir, name)?;
+        let target = match CString::new(target) {
+            Ok(t) if !target.is_empty() => t,
+            _ => {
+                return Err(VolumeError::new(
+                    libc::EINVAL,
+                    "symlink target is empty or has a NUL byte",
+                ))
+            }
+        };
+        d.symlink(&target, &c)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
-        let meta = give(&path, meta, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let meta = made(&d, &c, owner).map_err(|e| VolumeError::io(&lossy(name), e))?;
         Ok(self.remember(dir, name, &meta))
     }
 
     /// Unlinks a non-directory; returns the node that was removed.
     pub fn remove(&self, dir: NodeId, name: &[u8]) -> VolResult<NodeId> {
-        let path = self.child_path(dir, name)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let (d, c) = self.entry(dir, name)?;
+        let meta = d
+            .child_meta(&c)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         if meta.is_dir() {
             return Err(VolumeError::new(
                 libc::EISDIR,
                 format!("{}: is a directory", lossy(name)),
             ));
         }
-        fs::remove_file(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        d.unlink(&c, false)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         self.forget(meta.ino(), meta.nlink() <= 1);
         Ok(meta.ino())
     }
 
     /// Removes an empty directory; returns its node id.
     pub fn rmdir(&self, dir: NodeId, name: &[u8]) -> VolResult<NodeId> {
-        let path = self.child_path(dir, name)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let (d, c) = self.entry(dir, name)?;
+        let meta = d
+            .child_meta(&c)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         if !meta.is_dir() {
             return Err(VolumeError::new(
                 libc::ENOTDIR,
                 format!("{}: not a directory", lossy(name)),
             ));
         }
-        fs::remove_dir(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        d.unlink(&c, true)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         self.forget(meta.ino(), true);
         Ok(meta.ino())
     }
@@ -640,19 +702,14 @@ impl Volume {
         to_dir: NodeId,
         to: &[u8],
     ) -> VolResult<(NodeId, Option<NodeId>)> {
-        let src = self.child_path(from_dir, from)?;
-        let dst = self.child_path(to_dir, to)?;
-        let moved = fs::symlink_metadata(&src).map_err(|e| VolumeError::io(&lossy(from), e))?;
-        if moved.is_dir() && dst.starts_with(&src) && dst != src {
-            return Err(VolumeError::new(
-                libc::EINVAL,
-                "cannot move a directory into itself",
-            ));
-        }
-        let replaced = fs::symlink_metadata(&dst)
-            .ok()
-            .filter(|m| m.ino() != moved.ino());
-        fs::rename(&src, &dst)
+        let (sd, sc) = self.entry(from_dir, from)?;
+        let (dd, dc) = self.entry(to_dir, to)?;
+        let moved = sd
+            .child_meta(&sc)
+            .map_err(|e| VolumeError::io(&lossy(from), e))?;
+        let replaced = dd.child_meta(&dc).ok().filter(|m| m.ino() != moved.ino());
+        // The kernel refuses to move a directory into itself (EINVAL).
+        sd.rename(&sc, &dd, &dc)
             .map_err(|e| VolumeError::io(&format!("rename {}", lossy(from)), e))?;
         if let Some(r) = &replaced {
             self.forget(r.ino(), r.is_dir() || r.nlink() <= 1);
@@ -695,14 +752,18 @@ impl Volume {
     /// keeps a name (and its data) when `name` is removed or replaced. Call before the
     /// change; then [`Volume::adopt_orphan`] after it, or [`Volume::reap_orphan`] to undo.
     pub fn keep_orphan(&self, dir: NodeId, name: &[u8], node: NodeId) -> VolResult<()> {
-        let path = self.child_path(dir, name)?;
-        let meta = fs::symlink_metadata(&path).map_err(|e| VolumeError::io(&lossy(name), e))?;
+        let (d, c) = self.entry(dir, name)?;
+        let meta = d
+            .child_meta(&c)
+            .map_err(|e| VolumeError::io(&lossy(name), e))?;
         if meta.ino() != node || !meta.is_file() {
             return Err(VolumeError::stale(node));
         }
-        let (_, orphans) = self.orphans_dir()?;
+        let (orphans_id, orphans) = self.orphans_dir()?;
         let link = orphans.join(node.to_string());
-        match fs::hard_link(&path, &link) {
+        let od = self.dir(orphans_id)?;
+        let lc = CString::new(node.to_string()).expect("digits only");
+        match d.link(&c, &od, &lc) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let there =
@@ -886,14 +947,21 @@ struct OpenHow {
 
 /// Gives the node just made at `path` to `owner` (without following a symlink), returning its
 /// attributes as they are then.
-fn give(path: &Path, meta: fs::Metadata, owner: Option<Owner>) -> io::Result<fs::Metadata> {
+fn give(f: &File, meta: fs::Metadata, owner: Option<Owner>) -> io::Result<fs::Metadata> {
     match owner {
         Some(o) if o.uid != meta.uid() || o.gid != meta.gid() => {
-            std::os::unix::fs::lchown(path, Some(o.uid), Some(o.gid))?;
-            fs::symlink_metadata(path)
+            beneath::chown(f, Some(o.uid), Some(o.gid))?;
+            f.metadata()
         }
         _ => Ok(meta),
     }
+}
+
+/// The node just made at `name` in `d`, given to `owner`: its attributes as they are then.
+fn made(d: &Dir, name: &CStr, owner: Option<Owner>) -> io::Result<fs::Metadata> {
+    let f = d.open_child(name)?;
+    let meta = f.metadata()?;
+    give(&f, meta, owner)
 }
 
 /// Removes orphans a previous run left behind: no client of this run has them open.
