@@ -255,11 +255,6 @@ impl Cache {
         }
     }
 
-    /// Forgets one name in `dir` (after this client changed it).
-    pub fn drop_entry(&mut self, dir: NodeId, name: &[u8]) {
-        self.entries.remove(&(dir, name.to_vec()));
-    }
-
     /// A cached lookup, if the directory's lease, the name and (when present) the child's
     /// attributes are all live.
     pub fn lookup(&mut self, dir: NodeId, name: &[u8], now: Instant) -> Option<Lookup> {

@@ -14,7 +14,6 @@
 //! Node ids are inode numbers, so they survive a restart of the server on the same data. A
 //! node the table does not know yet (after a restart) is found by walking the export once.
 
-use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -119,6 +118,9 @@ pub struct Volume {
     walk: Mutex<Option<Instant>>,
     /// Walks that covered the whole export (for tests and diagnostics).
     full_walks: AtomicU64,
+    /// Node ids of `.shoal` and `.shoal/orphans` once made: no client may list or change
+    /// them, whichever way it names them.
+    reserved_dirs: DashMap<NodeId, ()>,
 }
 
 impl Volume {
@@ -153,6 +155,7 @@ impl Volume {
             open_files: DashMap::new(),
             walk: Mutex::new(None),
             full_walks: AtomicU64::new(0),
+            reserved_dirs: DashMap::new(),
         })
     }
 
@@ -442,6 +445,9 @@ impl Volume {
     /// The cookie of an entry is its node id: a resumed listing neither repeats nor skips an
     /// entry that stayed in the directory, whatever else was added or removed meanwhile.
     pub fn readdir(&self, dir: NodeId, after: u64, max: usize) -> VolResult<(Vec<DirEntry>, bool)> {
+        if self.reserved_dirs.contains_key(&dir) {
+            return Err(VolumeError::new(libc::EACCES, "reserved by Shoal"));
+        }
         let d = self.dir(dir)?;
         let listing = self.listing(dir, &d)?;
         let start = listing.partition_point(|(id, _)| *id <= after);
@@ -720,9 +726,9 @@ impl Volume {
 
     // ---- orphans: files removed while open ----
 
-    /// True for the name the volume keeps for itself.
+    /// True for the name the volume keeps for itself, and for anything inside it.
     fn is_reserved(&self, dir: NodeId, name: &[u8]) -> bool {
-        dir == self.root_id && name == RESERVED
+        (dir == self.root_id && name == RESERVED) || self.reserved_dirs.contains_key(&dir)
     }
 
     /// `.shoal/orphans` (made if missing), remembered in the node table.
@@ -745,6 +751,8 @@ impl Volume {
         }
         self.remember(self.root_id, RESERVED, &shoal_meta);
         self.remember(shoal_meta.ino(), ORPHANS.as_bytes(), &meta);
+        self.reserved_dirs.insert(shoal_meta.ino(), ());
+        self.reserved_dirs.insert(meta.ino(), ());
         Ok((meta.ino(), orphans))
     }
 
@@ -917,6 +925,14 @@ impl Volume {
         if err.raw_os_error() != Some(libc::ENOSYS) {
             return Err(err);
         }
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            warn!(
+                "this kernel has no openat2 (Linux < 5.6): paths are opened with O_NOFOLLOW on \
+                 the last component only, and a directory swapped for a symlink by someone with \
+                 direct access to the export could redirect an open"
+            )
+        });
         let mut opts = OpenOptions::new();
         opts.custom_flags(flags & !(libc::O_ACCMODE)).mode(mode);
         match flags & libc::O_ACCMODE {
@@ -925,15 +941,6 @@ impl Volume {
             _ => opts.read(true).write(true),
         };
         opts.open(path)
-    }
-
-    /// Node ids of every entry the volume remembers under `dir` (for tests and diagnostics).
-    pub fn remembered_children(&self, dir: NodeId) -> HashMap<OsString, NodeId> {
-        self.places
-            .iter()
-            .filter(|p| p.parent == dir)
-            .map(|p| (p.name.clone(), *p.key()))
-            .collect()
     }
 }
 

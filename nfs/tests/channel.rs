@@ -341,6 +341,44 @@ async fn a_file_open_on_one_client_outlives_its_removal_by_another() {
         .unwrap_err();
     assert_eq!(refused.errno(), libc::EACCES);
 
+    // Not by node id either: a client that learns the inode numbers of `.shoal` and of
+    // `.shoal/orphans` can neither list nor change them.
+    for reserved in [".shoal", ".shoal/orphans"] {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(dir.path().join(reserved)).unwrap().ino();
+        let listed = b
+            .call(Request::ReadDir {
+                dir: id,
+                after: 0,
+                max: 10,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(listed.errno(), libc::EACCES, "{reserved}: {listed}");
+        let made = b
+            .call(Request::Create {
+                dir: id,
+                name: b"planted".to_vec(),
+                mode: 0o644,
+                how: CreateMode::Guarded,
+                owner: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(made.errno(), libc::EACCES, "{reserved}: {made}");
+        let looked = b
+            .call(Request::Lookup {
+                dir: id,
+                name: doomed.node.to_string().into_bytes(),
+            })
+            .await;
+        assert!(
+            looked.is_err(),
+            "{reserved}: an orphan is not reachable by name"
+        );
+    }
+    assert_eq!(orphans(dir.path()), 2);
+
     // Closing releases the data: once by a's close, once by a's session ending.
     a.send(Request::Close { node: doomed.node }).await.unwrap();
     a.call(Request::GetAttr { node: root }).await.unwrap();

@@ -515,7 +515,8 @@ fn trust_deadline(inner: &Inner, sent: Instant, term: Duration) -> u64 {
     until.saturating_duration_since(inner.epoch).as_nanos() as u64
 }
 
-async fn read_frame<R: AsyncReadExt + Unpin>(rd: &mut R) -> std::io::Result<Frame> {
+/// Reads one frame (also used by the server side).
+pub(crate) async fn read_frame<R: AsyncReadExt + Unpin>(rd: &mut R) -> std::io::Result<Frame> {
     let len = rd.read_u32().await? as usize;
     if len > proto::MAX_FRAME {
         return Err(std::io::Error::new(
@@ -527,9 +528,4 @@ async fn read_frame<R: AsyncReadExt + Unpin>(rd: &mut R) -> std::io::Result<Fram
     rd.read_exact(&mut body).await?;
     proto::decode(&body)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
-}
-
-/// Reads one frame; shared with the server side.
-pub(crate) async fn read_one<R: AsyncReadExt + Unpin>(rd: &mut R) -> std::io::Result<Frame> {
-    read_frame(rd).await
 }

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::client::read_one;
+use super::client::read_frame;
 use super::proto::{self, Frame, Reply, Request};
 use crate::lease::{RecallSink, Session};
 use crate::share::Share;
@@ -58,7 +58,7 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
 
     // The first frame must be Hello with our version.
-    let hello = tokio::time::timeout(std::time::Duration::from_secs(10), read_one(&mut rd))
+    let hello = tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no Hello"))??;
     let (id, name) = match hello {
@@ -132,7 +132,7 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
     let silence = share.leases.term() * 2;
     let result = loop {
         let frame = tokio::select! {
-            f = tokio::time::timeout(silence, read_one(&mut rd)) => match f {
+            f = tokio::time::timeout(silence, read_frame(&mut rd)) => match f {
                 Ok(f) => f,
                 Err(_) => {
                     warn!(%peer, session = session.id, "client silent for two lease terms; closing");
