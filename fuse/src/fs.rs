@@ -742,33 +742,14 @@ impl Filesystem for ShoalFs {
                     c.peek_entry(to_dir, &to_name),
                 )
             };
-            // NOREPLACE is checked against the server, not atomically with the rename.
-            if noreplace {
-                let exists = s
-                    .call_attr(Request::Lookup {
-                        dir: to_dir,
-                        name: to_name.clone(),
-                    })
-                    .await
-                    .1;
-                match exists {
-                    Ok(_) => {
-                        reply.error(Errno::EEXIST);
-                        return;
-                    }
-                    Err(e) if e == Errno::ENOENT => {}
-                    Err(e) => {
-                        reply.error(e);
-                        return;
-                    }
-                }
-            }
             let (t, r) = s
                 .call(Request::Rename {
                     from_dir,
                     from_name: from_name.clone(),
                     to_dir,
                     to_name: to_name.clone(),
+                    // Decided by the server's kernel (renameat2), atomically.
+                    no_replace: noreplace,
                 })
                 .await;
             let nodes: Vec<NodeId> = moved.into_iter().chain(replaced).collect();

@@ -71,15 +71,28 @@ impl Dir {
         check(unsafe { libc::unlinkat(self.0.as_raw_fd(), name.as_ptr(), flags) })
     }
 
-    /// Renames `name` here to `to_name` in `to`, replacing what is there.
-    pub fn rename(&self, name: &CStr, to: &Dir, to_name: &CStr) -> io::Result<()> {
-        // SAFETY: renameat reads two NUL-terminated strings, both alive for the call.
+    /// Renames `name` here to `to_name` in `to`, replacing what is there unless
+    /// `no_replace` (then EEXIST, decided by the kernel atomically).
+    pub fn rename(
+        &self,
+        name: &CStr,
+        to: &Dir,
+        to_name: &CStr,
+        no_replace: bool,
+    ) -> io::Result<()> {
+        let flags = if no_replace {
+            libc::RENAME_NOREPLACE
+        } else {
+            0
+        };
+        // SAFETY: renameat2 reads two NUL-terminated strings, both alive for the call.
         check(unsafe {
-            libc::renameat(
+            libc::renameat2(
                 self.0.as_raw_fd(),
                 name.as_ptr(),
                 to.0.as_raw_fd(),
                 to_name.as_ptr(),
+                flags,
             )
         })
     }

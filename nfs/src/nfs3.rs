@@ -302,7 +302,14 @@ impl NFSFileSystem for Nfs3 {
         to_filename: &filename3,
     ) -> Result<(), nfsstat3> {
         self.share
-            .rename(None, from_dirid, &from_filename.0, to_dirid, &to_filename.0)
+            .rename(
+                None,
+                from_dirid,
+                &from_filename.0,
+                to_dirid,
+                &to_filename.0,
+                false,
+            )
             .await
             .map_err(status)
     }

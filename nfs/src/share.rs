@@ -222,10 +222,15 @@ impl Share {
         from: &[u8],
         to_dir: NodeId,
         to: &[u8],
+        no_replace: bool,
     ) -> VolResult<()> {
         let moving = self.volume.lookup(from_dir, from).ok().map(|a| a.node);
-        let kept = self.keep_if_open(to_dir, to, moving);
-        let renamed = self.volume.rename(from_dir, from, to_dir, to);
+        let kept = if no_replace {
+            None
+        } else {
+            self.keep_if_open(to_dir, to, moving)
+        };
+        let renamed = self.volume.rename(from_dir, from, to_dir, to, no_replace);
         self.settle_orphan(kept, renamed.is_ok());
         let (moved, replaced) = renamed?;
         let mut nodes = vec![from_dir, moved];

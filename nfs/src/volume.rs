@@ -700,13 +700,15 @@ impl Volume {
         Ok(meta.ino())
     }
 
-    /// Renames, replacing an existing target. Returns the moved node and the replaced one.
+    /// Renames, replacing an existing target unless `no_replace` (then EEXIST, atomically).
+    /// Returns the moved node and the replaced one.
     pub fn rename(
         &self,
         from_dir: NodeId,
         from: &[u8],
         to_dir: NodeId,
         to: &[u8],
+        no_replace: bool,
     ) -> VolResult<(NodeId, Option<NodeId>)> {
         let (sd, sc) = self.entry(from_dir, from)?;
         let (dd, dc) = self.entry(to_dir, to)?;
@@ -715,7 +717,7 @@ impl Volume {
             .map_err(|e| VolumeError::io(&lossy(from), e))?;
         let replaced = dd.child_meta(&dc).ok().filter(|m| m.ino() != moved.ino());
         // The kernel refuses to move a directory into itself (EINVAL).
-        sd.rename(&sc, &dd, &dc)
+        sd.rename(&sc, &dd, &dc, no_replace)
             .map_err(|e| VolumeError::io(&format!("rename {}", lossy(from)), e))?;
         if let Some(r) = &replaced {
             self.forget(r.ino(), r.is_dir() || r.nlink() <= 1);

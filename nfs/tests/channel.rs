@@ -283,6 +283,7 @@ async fn a_file_open_on_one_client_outlives_its_removal_by_another() {
         from_name: b"next".to_vec(),
         to_dir: root,
         to_name: b"current".to_vec(),
+        no_replace: false,
     })
     .await
     .unwrap();
@@ -471,4 +472,32 @@ async fn new_nodes_belong_to_the_caller_and_existing_ones_keep_their_owner() {
         .unwrap(),
     );
     assert_eq!((again.node, again.uid, again.mode), (f.node, 101, 0o640));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_without_replace_refuses_an_existing_target() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("lock"), b"held by someone").unwrap();
+    std::fs::write(dir.path().join("mine"), b"my claim").unwrap();
+    let srv = serve(dir.path()).await;
+    let (c, sc, _r) = Client::connect(&srv.nfs_addr.to_string(), opts("c"))
+        .await
+        .unwrap();
+    let root = sc.root.node;
+    let rename = |to: &[u8]| Request::Rename {
+        from_dir: root,
+        from_name: b"mine".to_vec(),
+        to_dir: root,
+        to_name: to.to_vec(),
+        no_replace: true,
+    };
+    let err = c.call(rename(b"lock")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST, "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("lock")).unwrap(),
+        b"held by someone"
+    );
+    assert!(dir.path().join("mine").exists());
+    c.call(rename(b"free")).await.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("free")).unwrap(), b"my claim");
 }

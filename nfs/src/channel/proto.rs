@@ -109,6 +109,8 @@ pub enum Request {
         from_name: Vec<u8>,
         to_dir: NodeId,
         to_name: Vec<u8>,
+        /// Fail with EEXIST instead of replacing (RENAME_NOREPLACE), atomically.
+        no_replace: bool,
     },
     /// Entries after cookie `after` (0 = from the start), at most `max`, without "." and "..".
     /// Reply: `Entries`.

@@ -331,9 +331,10 @@ async fn call(
             from_name,
             to_dir,
             to_name,
+            no_replace,
         } => reply_of(
             share
-                .rename(by, from_dir, &from_name, to_dir, &to_name)
+                .rename(by, from_dir, &from_name, to_dir, &to_name, no_replace)
                 .await,
             |_| Reply::Ok,
         ),
