@@ -7,6 +7,7 @@ pub fn run(share: &str) -> anyhow::Result<()> {
     let c = crate::runtime()?.block_on(async {
         let opts = ClientOptions {
             name: format!("shoal-stats@{}", crate::hostname()),
+            caching: false,
             ..ClientOptions::default()
         };
         let (client, _, _) = Client::connect(share, opts).await?;

@@ -91,6 +91,8 @@ impl Share {
         }
         let opts = ClientOptions {
             name: format!("shoal-csi-controller-{}", std::process::id()),
+            // The controller caches nothing: no pod's change should wait for it.
+            caching: false,
             ..ClientOptions::default()
         };
         let (client, session, mut recalls) = Client::connect(&self.addr, opts)

@@ -55,6 +55,8 @@ pub struct Session {
     /// Recalls sent to this session, numbered; held while a reply or a recall is queued so
     /// the two are queued in the order their data was read or changed.
     outbox: Mutex<RecallLog>,
+    /// False for a client that caches nothing: it is granted no leases.
+    caching: bool,
 }
 
 /// The most recent recalls of a session, to tell whether a reply read before one of them.
@@ -163,7 +165,13 @@ impl LeaseTable {
     }
 
     /// Opens a session whose recalls go to `sink`; its lease runs for one term.
-    pub fn open_session(&self, name: &str, sink: Box<dyn RecallSink>) -> Arc<Session> {
+    /// A session that does not cache (`caching` false) is never granted a lease.
+    pub fn open_session(
+        &self,
+        name: &str,
+        caching: bool,
+        sink: Box<dyn RecallSink>,
+    ) -> Arc<Session> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session {
             id,
@@ -175,6 +183,7 @@ impl LeaseTable {
             ended: AtomicBool::new(false),
             revoked: Notify::new(),
             outbox: Mutex::new(RecallLog::default()),
+            caching,
         });
         self.sessions.insert(id, session.clone());
         info!(session = id, client = name, "session opened");
@@ -224,6 +233,9 @@ impl LeaseTable {
         let Some(s) = self.sessions.get(&session).map(|s| s.clone()) else {
             return;
         };
+        if !s.caching {
+            return;
+        }
         let mut held = s.held.lock().unwrap();
         for &node in nodes {
             if held.insert(node) {
@@ -441,7 +453,10 @@ mod tests {
     }
     fn session(t: &LeaseTable, name: &str) -> (Arc<Session>, mpsc::Receiver<(u64, Vec<NodeId>)>) {
         let (tx, rx) = mpsc::channel();
-        (t.open_session(name, Box::new(Chan(Mutex::new(tx)))), rx)
+        (
+            t.open_session(name, true, Box::new(Chan(Mutex::new(tx)))),
+            rx,
+        )
     }
 
     #[tokio::test]
@@ -511,6 +526,17 @@ mod tests {
         assert!(b.ended(), "revoked");
         assert!(!t.renew(b.id), "no renewal after revocation");
         assert_eq!(t.stats().sessions_revoked, 1);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_caches_nothing_holds_no_leases() {
+        let t = LeaseTable::new(Duration::from_secs(10));
+        let (tx, rx) = mpsc::channel();
+        let admin = t.open_session("csi-controller", false, Box::new(Chan(Mutex::new(tx))));
+        t.grant(admin.id, &[1, 2]);
+        assert_eq!(t.stats().leases_held, 0);
+        assert!(t.recall(None, &[1, 2]).is_empty(), "no change waits for it");
+        assert!(rx.try_recv().is_err());
     }
 
     #[tokio::test]

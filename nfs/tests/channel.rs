@@ -143,6 +143,7 @@ async fn malformed_frames_close_that_connection_only() {
         request: Request::Hello {
             version: 999,
             client: "old".into(),
+            caching: true,
         },
     };
     s.write_all(&proto::encode(&hello)).await.unwrap();

@@ -66,6 +66,8 @@ pub struct ClientOptions {
     /// Extra time a call may take beyond two lease terms (a change may wait a full term for
     /// a frozen holder's lease to run out).
     pub call_slack: Duration,
+    /// Whether this client caches replies (and so holds leases that changes recall).
+    pub caching: bool,
 }
 
 impl Default for ClientOptions {
@@ -74,6 +76,7 @@ impl Default for ClientOptions {
             name: format!("client-{}", std::process::id()),
             connect_timeout: Duration::from_secs(5),
             call_slack: Duration::from_secs(5),
+            caching: true,
         }
     }
 }
@@ -339,6 +342,7 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
         request: Request::Hello {
             version: proto::PROTOCOL_VERSION,
             client: inner.opts.name.clone(),
+            caching: inner.opts.caching,
         },
     };
     let asked = Instant::now();

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in `Hello`; a server refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Upper bound of one encoded frame (a 1 MiB write plus headers), so a corrupt length
 /// prefix cannot make either side allocate without bound.
@@ -24,10 +24,13 @@ pub use crate::types::{
 /// recalled or its session stops being renewed.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// First frame of a connection. `client` is a human-readable name for logs.
+    /// First frame of a connection. `client` is a human-readable name for logs. A client
+    /// that caches nothing (`caching: false`: the CSI controller, `shoal stats`) is granted
+    /// no leases, so no change ever waits for it.
     Hello {
         version: u32,
         client: String,
+        caching: bool,
     },
     /// Extends the session's lease term. Reply: `Ok`.
     Renew,

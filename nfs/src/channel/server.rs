@@ -61,11 +61,16 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
     let hello = tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no Hello"))??;
-    let (id, name) = match hello {
+    let (id, name, caching) = match hello {
         Frame::Call {
             id,
-            request: Request::Hello { version, client },
-        } if version == proto::PROTOCOL_VERSION => (id, client),
+            request:
+                Request::Hello {
+                    version,
+                    client,
+                    caching,
+                },
+        } if version == proto::PROTOCOL_VERSION => (id, client, caching),
         Frame::Call {
             id,
             request: Request::Hello { version, .. },
@@ -88,9 +93,11 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
     };
 
     let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let session = share
-        .leases
-        .open_session(&format!("{name}@{peer}"), Box::new(Outgoing(out.clone())));
+    let session = share.leases.open_session(
+        &format!("{name}@{peer}"),
+        caching,
+        Box::new(Outgoing(out.clone())),
+    );
     let root = match share.volume.getattr(share.volume.root_id()) {
         Ok(a) => a,
         Err(e) => {
