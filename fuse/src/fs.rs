@@ -43,6 +43,9 @@ struct Handle {
     node: NodeId,
     /// Written through this handle since the last flush (so flush must fsync).
     dirty: AtomicBool,
+    /// The session generation whose server counted this open (0: none yet). A new session
+    /// knows nothing of earlier opens, so each is registered again, once.
+    registered: AtomicU64,
 }
 
 /// Per-node bookkeeping of what the kernel holds.
@@ -284,25 +287,28 @@ impl Shared {
 
     /// Tells the server this client opened `node` once more: while it is open here, the
     /// server keeps its data if another client removes or replaces its last name.
-    async fn opened(&self, node: NodeId) {
-        if let Err(e) = self.client.send(Request::Open { node }).await {
-            debug!(node, "open not registered: {e}");
+    async fn opened(&self, fh: FileHandle) {
+        if let Some(h) = self.handle(fh) {
+            self.register(&h).await;
         }
     }
 
-    /// After a new session: registers again every file this mount has open.
+    async fn register(&self, h: &Handle) {
+        match self.client.send(Request::Open { node: h.node }).await {
+            Ok(()) => h
+                .registered
+                .store(self.client.generation(), Ordering::SeqCst),
+            Err(e) => debug!(node = h.node, "open not registered: {e}"),
+        }
+    }
+
+    /// After a new session: registers again every open the new session does not know.
     pub async fn reopen_all(&self) {
-        let opens: Vec<(NodeId, u32)> = self
-            .nodes
-            .lock()
-            .unwrap()
-            .opens
-            .iter()
-            .map(|(n, c)| (*n, *c))
-            .collect();
-        for (node, count) in opens {
-            for _ in 0..count {
-                self.opened(node).await;
+        let now = self.client.generation();
+        let handles: Vec<Arc<Handle>> = self.handles.lock().unwrap().values().cloned().collect();
+        for h in handles {
+            if h.registered.load(Ordering::SeqCst) != now {
+                self.register(&h).await;
             }
         }
     }
@@ -314,6 +320,7 @@ impl Shared {
             Arc::new(Handle {
                 node,
                 dirty: AtomicBool::new(false),
+                registered: AtomicU64::new(0),
             }),
         );
         *self.nodes.lock().unwrap().opens.entry(node).or_insert(0) += 1;
@@ -324,7 +331,7 @@ impl Shared {
         self.handles.lock().unwrap().get(&fh.0).cloned()
     }
 
-    /// Drops an open handle; returns its node.
+    /// Drops an open handle; returns its node if the current session counted the open.
     fn close_handle(&self, fh: FileHandle) -> Option<NodeId> {
         let h = self.handles.lock().unwrap().remove(&fh.0)?;
         let mut nodes = self.nodes.lock().unwrap();
@@ -334,7 +341,7 @@ impl Shared {
                 nodes.opens.remove(&h.node);
             }
         }
-        Some(h.node)
+        (h.registered.load(Ordering::SeqCst) == self.client.generation()).then_some(h.node)
     }
 
     /// Sends one `Release` for every forgotten node the kernel has not looked up again.
@@ -802,7 +809,7 @@ impl Filesystem for ShoalFs {
                 s.client.cache_valid() && c.open_keep_cache(node, &attr, until)
             };
             let fh = s.new_handle(node);
-            s.opened(node).await;
+            s.opened(fh).await;
             let flags = if keep {
                 FopenFlags::FOPEN_KEEP_CACHE
             } else {
@@ -1115,7 +1122,7 @@ impl Filesystem for ShoalFs {
                         s.cache.lock().unwrap().open_keep_cache(a.node, &a, until);
                     }
                     let fh = s.new_handle(a.node);
-                    s.opened(a.node).await;
+                    s.opened(fh).await;
                     *s.nodes.lock().unwrap().lookups.entry(a.node).or_insert(0) += 1;
                     reply.created(
                         &ttl,
