@@ -108,6 +108,15 @@ async fn accept_nfs_forever(nfs: Arc<NFSTcpListener<Nfs3>>) {
 
 /// Opens the export and starts both listeners. With port 0, picks a free pair of ports.
 pub async fn start(opts: &ServeOptions) -> Result<Running, ServeError> {
+    if opts.listen.port() == u16::MAX {
+        return Err(ServeError::Bind {
+            addr: opts.listen,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the lease channel needs the port after it; choose a port below 65535",
+            ),
+        });
+    }
     let volume = Volume::open(&opts.export).map_err(|e| ServeError::Export(e.message))?;
     let share = Share::new(volume, LeaseTable::new(opts.lease_term));
 
