@@ -80,6 +80,24 @@ pub struct Shared {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     pub stats: Stats,
+    /// Writes the kernel has sent and this daemon has not answered yet, by node: the kernel
+    /// holds their pages locked, so invalidating those pages waits for them.
+    writing: Mutex<HashMap<NodeId, u32>>,
+}
+
+/// Counts a write as in flight until dropped.
+struct Writing<'a>(&'a Shared, NodeId);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.writing.lock().unwrap();
+        if let Some(n) = w.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.1);
+            }
+        }
+    }
 }
 
 fn errno(e: i32) -> Errno {
@@ -166,6 +184,7 @@ impl Shared {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stats: Stats::default(),
+            writing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -283,6 +302,17 @@ impl Shared {
             .lock()
             .unwrap()
             .own_change(t, dir, name, now, until);
+    }
+
+    fn write_started(&self, node: NodeId) -> Writing<'_> {
+        *self.writing.lock().unwrap().entry(node).or_insert(0) += 1;
+        Writing(self, node)
+    }
+
+    /// True if a write to one of `nodes` is in flight through this mount.
+    pub fn writing_any(&self, nodes: &[NodeId]) -> bool {
+        let w = self.writing.lock().unwrap();
+        nodes.iter().any(|n| w.contains_key(n))
     }
 
     /// Tells the server this client opened `node` once more: while it is open here, the
@@ -886,6 +916,7 @@ impl Filesystem for ShoalFs {
         let data = data.to_vec();
         let handle = self.shared.handle(fh);
         self.spawn(move |s| async move {
+            let _writing = s.write_started(node);
             if let Some(h) = &handle {
                 h.dirty.store(true, Ordering::Relaxed);
             }

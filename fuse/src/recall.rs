@@ -3,8 +3,10 @@
 //! Owns the dedicated invalidation thread. Kernel invalidations are sent from here and never
 //! from a FUSE request handler: `inval_inode` can block on a page locked by an in-flight
 //! write on this very node, whose handler may itself be waiting for the server, which waits
-//! for this ack. So an invalidation that takes longer than [`INVAL_WAIT`] is left to finish
-//! in the background and the recall is acked anyway.
+//! for this ack. So an invalidation still running after [`INVAL_WAIT`] while a write to one
+//! of its nodes is in flight here is left to finish in the background and the recall is
+//! acked anyway. Any other lock (a read in flight) is waited for, up to [`INVAL_GIVE_UP`]:
+//! acking before the pages are gone would let old pages outlive the change.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -18,8 +20,13 @@ use tracing::{debug, info, warn};
 
 use crate::fs::Shared;
 
-/// How long a recall's kernel invalidation may take before the ack goes out regardless.
+/// How long a recall's kernel invalidation may take before the ack goes out, if a write to
+/// one of its nodes is in flight here (the write may be what the invalidation waits for).
 pub const INVAL_WAIT: Duration = Duration::from_secs(1);
+
+/// How long an invalidation is waited for at most; past it the server would revoke the
+/// session anyway.
+pub const INVAL_GIVE_UP: Duration = Duration::from_secs(8);
 
 /// Work for the invalidation thread.
 #[derive(Debug)]
@@ -94,15 +101,26 @@ fn invalidate(shared: &Arc<Shared>, notifier: &Notifier, nodes: Vec<NodeId>) {
         .stats
         .invalidations
         .fetch_add(count, Ordering::Relaxed);
-    if done_rx.recv_timeout(INVAL_WAIT).is_err() {
-        shared
-            .stats
-            .slow_invalidations
-            .fetch_add(1, Ordering::Relaxed);
-        warn!(
-            ?nodes,
-            "kernel invalidation still running after {INVAL_WAIT:?} (a page is locked, likely by \
-             an in-flight write here); acknowledging, it completes in the background"
-        );
+    let started = std::time::Instant::now();
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let waited = started.elapsed();
+        let writing = shared.writing_any(&nodes);
+        if (waited >= INVAL_WAIT && writing) || waited >= INVAL_GIVE_UP {
+            shared
+                .stats
+                .slow_invalidations
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                ?nodes,
+                writing,
+                "kernel invalidation still running after {waited:?}; acknowledging, it \
+                 completes in the background"
+            );
+            return;
+        }
     }
 }
