@@ -648,7 +648,7 @@ fn a_frozen_client_does_not_serve_old_bytes_when_thawed() {
     let started = Instant::now();
     fs::write(a.path("f"), &new).unwrap();
     let waited = started.elapsed();
-    assert!(waited < term * 2 + Duration::from_secs(2), "{waited:?}");
+    assert!(waited < term * 4, "{waited:?}");
     assert!(
         waited > Duration::from_millis(500),
         "the write did not wait for the frozen holder ({waited:?})"

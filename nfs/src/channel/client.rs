@@ -412,14 +412,10 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
                 _ = wclosed.wait_for(|c| *c) => None,
             };
             let Some(first) = first else { break };
-            let mut buf = first;
-            while buf.len() < 1 << 20 {
-                match out_rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
+            if proto::write_batch(&mut wr, first, &mut out_rx)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

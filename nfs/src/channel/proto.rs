@@ -228,6 +228,27 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     out
 }
 
+/// Most bytes of queued frames gathered into one write.
+const BATCH: usize = 1 << 20;
+
+/// Writes `first` and whatever else is already queued in `more` (up to [`BATCH`] bytes) with
+/// one write: a busy connection sends many frames per syscall.
+pub(crate) async fn write_batch<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    first: Vec<u8>,
+    more: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = first;
+    while buf.len() < BATCH {
+        match more.try_recv() {
+            Ok(next) => buf.extend_from_slice(&next),
+            Err(_) => break,
+        }
+    }
+    wr.write_all(&buf).await
+}
+
 /// Decodes a frame body (without its length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame, bincode::Error> {
     bincode::deserialize(body)

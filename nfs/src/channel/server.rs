@@ -121,14 +121,10 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
 
     let writer = tokio::spawn(async move {
         while let Some(first) = out_rx.recv().await {
-            let mut buf = first;
-            while buf.len() < 1 << 20 {
-                match out_rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
+            if proto::write_batch(&mut wr, first, &mut out_rx)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
