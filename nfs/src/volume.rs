@@ -349,15 +349,19 @@ impl Volume {
 
     /// Records that `meta` sits at `name` in `dir` and returns its attributes.
     fn remember(&self, dir: NodeId, name: &[u8], meta: &fs::Metadata) -> Attr {
+        self.remember_attr(dir, name, attr_of(meta), generation_of(meta))
+    }
+
+    fn remember_attr(&self, dir: NodeId, name: &[u8], attr: Attr, generation: u64) -> Attr {
         self.places.insert(
-            meta.ino(),
+            attr.node,
             Place {
                 parent: dir,
                 name: OsStr::from_bytes(name).to_owned(),
-                generation: generation_of(meta),
+                generation,
             },
         );
-        attr_of(meta)
+        attr
     }
 
     // ---- reading ----
@@ -374,16 +378,16 @@ impl Volume {
             ));
         }
         let (d, c) = self.entry(dir, name)?;
-        let meta = d
-            .child_meta(&c)
+        let (attr, dev, generation) = d
+            .child_attr(&c)
             .map_err(|e| VolumeError::io(&lossy(name), e))?;
-        if meta.dev() != self.dev {
+        if dev != self.dev {
             return Err(VolumeError::new(
                 libc::EXDEV,
                 format!("{}: another filesystem", lossy(name)),
             ));
         }
-        Ok(self.remember(dir, name, &meta))
+        Ok(self.remember_attr(dir, name, attr, generation))
     }
 
     /// The directory holding `node`; the export root is its own parent, so nothing above
@@ -463,13 +467,13 @@ impl Volume {
             let Ok(c) = CString::new(name.as_bytes()) else {
                 continue;
             };
-            let Ok(meta) = d.child_meta(&c) else {
+            let Ok((attr, _, generation)) = d.child_attr(&c) else {
                 continue;
             };
-            if meta.ino() != *id {
+            if attr.node != *id {
                 continue;
             }
-            let attr = self.remember(dir, name.as_bytes(), &meta);
+            let attr = self.remember_attr(dir, name.as_bytes(), attr, generation);
             out.push(DirEntry {
                 name: name.as_bytes().to_vec(),
                 attr,
@@ -1086,5 +1090,29 @@ fn set_times(path: &Path, atime: Option<SetTime>, mtime: Option<SetTime>) -> io:
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lookups and listings read attributes with one statx; everything else from
+    /// `fs::Metadata`. Both must agree, the generation above all: handles carry it.
+    #[test]
+    fn statx_attributes_match_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"12345").unwrap();
+        std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let d = Dir(File::open(dir.path()).unwrap());
+        for name in ["f", "l", "d"] {
+            let c = CString::new(name).unwrap();
+            let (attr, dev, generation) = d.child_attr(&c).unwrap();
+            let meta = fs::symlink_metadata(dir.path().join(name)).unwrap();
+            assert_eq!(attr, attr_of(&meta), "{name}");
+            assert_eq!(dev, meta.dev(), "{name}");
+            assert_eq!(generation, generation_of(&meta), "{name}");
+        }
     }
 }
