@@ -447,12 +447,12 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
                     break;
                 }
                 Err(e) => {
-                    debug!("channel closed: {e}");
+                    // The server went away (a connection this client gave up ends above).
+                    warn!(%addr, "connection to share lost: {e}");
                     break;
                 }
             }
         }
-        warn!(%addr, "connection to share lost");
         rconn.fail_all();
     });
 
