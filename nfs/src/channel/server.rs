@@ -154,6 +154,22 @@ async fn connection(stream: TcpStream, share: Arc<Share>) -> std::io::Result<()>
                 request: Request::Close { node },
                 ..
             }) => share.close(session.id, node),
+            // Renewals are answered at once, never queued behind slow calls: a late renewal
+            // would end the session.
+            Ok(Frame::Call {
+                id,
+                request: Request::Renew,
+            }) => {
+                let reply = if share.leases.renew(session.id) {
+                    Reply::Ok
+                } else {
+                    Reply::Error {
+                        errno: libc::ESTALE,
+                        message: "session expired".into(),
+                    }
+                };
+                send(&out, id, reply);
+            }
             // Releases too: a lookup sent after a release must be granted after it.
             Ok(Frame::Call {
                 id,
@@ -215,22 +231,14 @@ async fn call(
             errno: libc::EPROTO,
             message: "session already open".into(),
         },
-        Request::Renew => {
-            if share.leases.renew(session.id) {
-                Reply::Ok
-            } else {
-                Reply::Error {
-                    errno: libc::ESTALE,
-                    message: "session expired".into(),
-                }
-            }
-        }
         Request::RecallAck { recall } => {
             share.leases.ack(session.id, recall);
             return;
         }
         // Handled by the connection loop, in order; never reach here.
-        Request::Open { .. } | Request::Close { .. } | Request::Release { .. } => return,
+        Request::Open { .. } | Request::Close { .. } | Request::Release { .. } | Request::Renew => {
+            return
+        }
         Request::Resolve { path } => {
             let root = share.volume.root_id();
             return cached(&[root], &|v| v.resolve(&path).map(Reply::Attr), &attr_node);
