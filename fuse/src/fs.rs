@@ -452,6 +452,35 @@ impl ShoalFs {
     fn read_only(&self) -> bool {
         self.shared.read_only
     }
+
+    /// Makes a node named `name` in `parent` for the caller of `req` with the request `make`
+    /// builds (directory, name, owner), and answers with its entry.
+    fn make_node(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(NodeId, Vec<u8>, Owner) -> Request + Send + 'static,
+    ) {
+        if self.read_only() {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let dir = self.shared.node(parent);
+        let name = name.as_bytes().to_vec();
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.spawn(move |s| async move {
+            let r = s.call_attr(make(dir, name.clone(), owner)).await;
+            match finish_create(&s, dir, &name, r).await {
+                Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
 }
 
 impl Filesystem for ShoalFs {
@@ -605,31 +634,18 @@ impl Filesystem for ShoalFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        if self.read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
         if mode & libc::S_IFMT != libc::S_IFREG {
             // Fifos, sockets and devices are not served through Shoal.
             reply.error(Errno::EPERM);
             return;
         }
-        let dir = self.shared.node(parent);
-        let created_name = name.as_bytes().to_vec();
-        let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(move |s| async move {
-            let r = s
-                .call_attr(Request::Create {
-                    dir,
-                    name: created_name.clone(),
-                    mode: mode & 0o7777,
-                    how: CreateMode::Guarded,
-                    owner: Some(Owner { uid, gid }),
-                })
-                .await;
-            match finish_create(&s, dir, &created_name, r).await {
-                Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
-                Err(e) => reply.error(e),
+        self.make_node(req, parent, name, reply, move |dir, name, owner| {
+            Request::Create {
+                dir,
+                name,
+                mode: mode & 0o7777,
+                how: CreateMode::Guarded,
+                owner: Some(owner),
             }
         });
     }
@@ -643,25 +659,12 @@ impl Filesystem for ShoalFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        if self.read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        let dir = self.shared.node(parent);
-        let created_name = name.as_bytes().to_vec();
-        let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(move |s| async move {
-            let r = s
-                .call_attr(Request::Mkdir {
-                    dir,
-                    name: created_name.clone(),
-                    mode: mode & 0o7777,
-                    owner: Some(Owner { uid, gid }),
-                })
-                .await;
-            match finish_create(&s, dir, &created_name, r).await {
-                Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
-                Err(e) => reply.error(e),
+        self.make_node(req, parent, name, reply, move |dir, name, owner| {
+            Request::Mkdir {
+                dir,
+                name,
+                mode: mode & 0o7777,
+                owner: Some(owner),
             }
         });
     }
@@ -723,26 +726,13 @@ impl Filesystem for ShoalFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        if self.read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        let dir = self.shared.node(parent);
-        let created_name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
-        let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(move |s| async move {
-            let r = s
-                .call_attr(Request::Symlink {
-                    dir,
-                    name: created_name.clone(),
-                    target,
-                    owner: Some(Owner { uid, gid }),
-                })
-                .await;
-            match finish_create(&s, dir, &created_name, r).await {
-                Ok((ttl, a)) => s.reply_entry(ttl, &a, reply),
-                Err(e) => reply.error(e),
+        self.make_node(req, parent, link_name, reply, move |dir, name, owner| {
+            Request::Symlink {
+                dir,
+                name,
+                target,
+                owner: Some(owner),
             }
         });
     }
