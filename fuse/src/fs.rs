@@ -453,6 +453,31 @@ impl ShoalFs {
         self.shared.read_only
     }
 
+    /// Removes `name` from `parent` with the request `remove` builds, and records the change.
+    fn remove_name(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        remove: impl FnOnce(NodeId, Vec<u8>) -> Request + Send + 'static,
+    ) {
+        if self.read_only() {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let dir = self.shared.node(parent);
+        let name = name.as_bytes().to_vec();
+        self.spawn(move |s| async move {
+            let child = s.cache.lock().unwrap().peek_entry(dir, &name);
+            let (t, r) = s.call(remove(dir, name.clone())).await;
+            after_removal(&s, t, dir, &name, child, r.is_ok());
+            match r {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
     /// Makes a node named `name` in `parent` for the caller of `req` with the request `make`
     /// builds (directory, name, owner), and answers with its entry.
     fn make_node(
@@ -670,51 +695,18 @@ impl Filesystem for ShoalFs {
     }
 
     fn unlink(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if self.read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        let dir = self.shared.node(parent);
-        let name = name.as_bytes().to_vec();
-        self.spawn(move |s| async move {
-            // The server keeps the file's data for whoever still has it open (here or on
-            // another node) until the last close.
-            let child = s.cache.lock().unwrap().peek_entry(dir, &name);
-            let (t, res) = s
-                .call(Request::Remove {
-                    dir,
-                    name: name.clone(),
-                })
-                .await;
-            let res = res.map(|_| ());
-            after_removal(&s, t, dir, &name, child, res.is_ok());
-            match res {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+        // The server keeps the file's data for whoever still has it open (here or on another
+        // node) until the last close.
+        self.remove_name(parent, name, reply, |dir, name| Request::Remove {
+            dir,
+            name,
         });
     }
 
     fn rmdir(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if self.read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        let dir = self.shared.node(parent);
-        let name = name.as_bytes().to_vec();
-        self.spawn(move |s| async move {
-            let child = s.cache.lock().unwrap().peek_entry(dir, &name);
-            let (t, r) = s
-                .call(Request::Rmdir {
-                    dir,
-                    name: name.clone(),
-                })
-                .await;
-            after_removal(&s, t, dir, &name, child, r.is_ok());
-            match r {
-                Ok(_) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
+        self.remove_name(parent, name, reply, |dir, name| Request::Rmdir {
+            dir,
+            name,
         });
     }
 

@@ -196,6 +196,18 @@ pub fn chmod(f: &File, mode: u32) -> io::Result<()> {
 
 /// Sets the times of the inode `f` (opened with `O_PATH`; not a symlink).
 pub fn set_times(f: &File, atime: Option<SetTime>, mtime: Option<SetTime>) -> io::Result<()> {
+    let path = std::ffi::CString::new(proc_path(f)).expect("no NUL in a /proc path");
+    // The magic link resolves to the inode of `f`.
+    utimens(&path, 0, atime, mtime)
+}
+
+/// `utimensat(AT_FDCWD, path, times, flags)` with `None` meaning "leave it".
+pub fn utimens(
+    path: &CStr,
+    flags: libc::c_int,
+    atime: Option<SetTime>,
+    mtime: Option<SetTime>,
+) -> io::Result<()> {
     let ts = |t: Option<SetTime>| match t {
         None => libc::timespec {
             tv_sec: 0,
@@ -211,8 +223,7 @@ pub fn set_times(f: &File, atime: Option<SetTime>, mtime: Option<SetTime>) -> io
         },
     };
     let times = [ts(atime), ts(mtime)];
-    let path = std::ffi::CString::new(proc_path(f)).expect("no NUL in a /proc path");
     // SAFETY: `path` is NUL-terminated and `times` holds exactly the two timespecs utimensat
-    // reads; both are alive for the call. The magic link resolves to the inode of `f`.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })
+    // reads; both are alive for the call.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), flags) })
 }

@@ -1058,39 +1058,11 @@ fn attr_of(m: &fs::Metadata) -> Attr {
     }
 }
 
+/// Sets the times of the symlink at `path` itself (its last component is not followed).
 fn set_times(path: &Path, atime: Option<SetTime>, mtime: Option<SetTime>) -> io::Result<()> {
-    let ts = |t: Option<SetTime>| match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(SetTime::ServerNow) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(SetTime::At(t)) => libc::timespec {
-            tv_sec: t.secs,
-            tv_nsec: t.nanos as i64,
-        },
-    };
-    let times = [ts(atime), ts(mtime)];
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `c` is a valid NUL-terminated path and `times` an array of exactly two
-    // timespecs, as utimensat requires; the kernel only reads them.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    beneath::utimens(&c, libc::AT_SYMLINK_NOFOLLOW, atime, mtime)
 }
 
 #[cfg(test)]
