@@ -3,6 +3,7 @@
 //! - [`types`]: the protocol-neutral vocabulary (node ids, attributes, entries).
 //! - [`volume`]: the export: node ids, attributes and I/O over a real directory, and the one
 //!   place that keeps every name and handle inside the export.
+//! - [`beneath`]: the descriptor-relative syscalls the volume makes its changes with.
 //! - [`lease`]: the lease table: sessions, who caches what, recalls and their counters.
 //! - [`share`]: a volume with its lease table: which nodes each change recalls, and when a
 //!   change may be acknowledged. Every front end goes through it.
