@@ -30,12 +30,12 @@ pub mod recall;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use fuser::{Config, MountOption, SessionACL};
 use shoal_nfs::channel::client::{Client, ClientError, ClientOptions};
-use shoal_nfs::channel::proto::{FileKind, Reply, Request};
+use shoal_nfs::channel::proto::{FileKind, NodeId, Reply, Request};
 use tracing::{debug, info, warn};
 
 /// What to mount and how.
@@ -106,8 +106,18 @@ pub fn mount(opts: MountOptions) -> Result<(), MountError> {
         .enable_all()
         .build()
         .map_err(MountError::Runtime)?;
+    // The daemon's cache drops recalled nodes inside the connection's reader, before any
+    // reply that follows the recall is delivered (the kernel's caches are invalidated after,
+    // on the recall thread, before the ack).
+    let cache_of: Arc<OnceLock<Weak<fs::Shared>>> = Arc::default();
+    let hook_cache = cache_of.clone();
     let copts = ClientOptions {
         name: opts.name.clone(),
+        on_recall: Some(Arc::new(move |nodes: &[NodeId]| {
+            if let Some(s) = hook_cache.get().and_then(|w| w.upgrade()) {
+                s.cache.lock().unwrap().recall(nodes);
+            }
+        })),
         ..ClientOptions::default()
     };
     let (client, session, recalls) =
@@ -152,6 +162,7 @@ pub fn mount(opts: MountOptions) -> Result<(), MountError> {
     }
 
     let shared = fs::Shared::new(client, rt.handle().clone(), &root, opts.read_only);
+    let _ = cache_of.set(Arc::downgrade(&shared));
     let fsname = match subdir {
         Some(s) => format!("shoal:{}/{}", opts.share, s),
         None => format!("shoal:{}", opts.share),

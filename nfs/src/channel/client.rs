@@ -56,8 +56,13 @@ pub struct Recall {
     pub nodes: Vec<NodeId>,
 }
 
+/// Called by the connection's reader for each recall, before any later frame is delivered:
+/// a cache must drop the recalled nodes here, or a reply that follows the recall on the wire
+/// (and so reflects the change) could meet the old cache entry.
+pub type RecallHook = Arc<dyn Fn(&[NodeId]) + Send + Sync>;
+
 /// Tunables of a client; `Default` suits a mount.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Name shown in the server's logs.
     pub name: String,
@@ -68,6 +73,20 @@ pub struct ClientOptions {
     pub call_slack: Duration,
     /// Whether this client caches replies (and so holds leases that changes recall).
     pub caching: bool,
+    /// Runs inline for every recall (see [`RecallHook`]).
+    pub on_recall: Option<RecallHook>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("name", &self.name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("call_slack", &self.call_slack)
+            .field("caching", &self.caching)
+            .field("on_recall", &self.on_recall.is_some())
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -77,6 +96,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             call_slack: Duration::from_secs(5),
             caching: true,
+            on_recall: None,
         }
     }
 }
@@ -425,6 +445,7 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
     // Reader: replies to their callers, recalls to the owner.
     let rconn = conn.clone();
     let recalls = inner.recalls.clone();
+    let on_recall = inner.opts.on_recall.clone();
     let mut rclosed = conn.closed.subscribe();
     tokio::spawn(async move {
         loop {
@@ -440,6 +461,9 @@ async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, ClientError> {
                 }
                 Ok(Frame::Recall { recall, nodes }) => {
                     debug!(recall, ?nodes, "recall");
+                    if let Some(hook) = &on_recall {
+                        hook(&nodes);
+                    }
                     let _ = recalls.send(Recall { recall, nodes });
                 }
                 Ok(Frame::Call { .. }) => {
