@@ -455,48 +455,35 @@ async fn three_nodes_three_replicas_see_the_same_files() {
         std::fs::read(a.join("logs/writer-0.log")).unwrap().len(),
         tree_a["logs/writer-0.log"].1 as usize
     );
-    let local = work.path().join("from-libnfs.txt");
-    std::fs::write(&local, b"written by a plain NFSv3 client\n").unwrap();
-    // nfs-cp refuses to overwrite (GUARDED create): remove through the mount, then copy.
-    std::fs::remove_file(a.join("logs/writer-0.log")).unwrap();
-    let cp = Command::new("nfs-cp")
-        .arg(&local)
-        .arg(nfs_url(port, &format!("{vol_rel}/logs/writer-0.log")))
-        .output()
-        .unwrap();
-    assert!(
-        cp.status.success(),
-        "nfs-cp: {}",
-        String::from_utf8_lossy(&cp.stderr)
-    );
-    for t in &targets {
-        assert_eq!(
-            std::fs::read(t.join("logs/writer-0.log")).unwrap(),
-            b"written by a plain NFSv3 client\n"
+    // nfs-cp refuses to overwrite (GUARDED create): remove through a mount, then copy.
+    let nfs_replace = |mount: &Path, rel: &str, bytes: &[u8]| {
+        let local = work.path().join("from-libnfs.txt");
+        std::fs::write(&local, bytes).unwrap();
+        std::fs::remove_file(mount.join(rel)).unwrap();
+        let cp = Command::new("nfs-cp")
+            .arg(&local)
+            .arg(nfs_url(port, &format!("{vol_rel}/{rel}")))
+            .output()
+            .unwrap();
+        assert!(
+            cp.status.success(),
+            "nfs-cp: {}",
+            String::from_utf8_lossy(&cp.stderr)
         );
-    }
-    // And a change to a file every node has cached (index.html), made on the disk under the
-    // export through NFS: the cached copies are recalled.
+        for t in &targets {
+            assert_eq!(
+                std::fs::read(t.join(rel)).unwrap(),
+                bytes,
+                "{rel} on {}",
+                t.display()
+            );
+        }
+    };
+    nfs_replace(a, "logs/writer-0.log", b"written by a plain NFSv3 client\n");
+    // And a file every node has cached (index.html): the cached copies are recalled.
     let before = std::fs::read_to_string(b.join("index.html")).unwrap();
     assert!(before.starts_with("<h1>edited on node-c"));
-    std::fs::write(&local, b"<h1>from libnfs</h1>\n").unwrap();
-    std::fs::remove_file(c.join("index.html")).unwrap();
-    let cp = Command::new("nfs-cp")
-        .arg(&local)
-        .arg(nfs_url(port, &format!("{vol_rel}/index.html")))
-        .output()
-        .unwrap();
-    assert!(
-        cp.status.success(),
-        "nfs-cp: {}",
-        String::from_utf8_lossy(&cp.stderr)
-    );
-    for t in &targets {
-        assert_eq!(
-            std::fs::read(t.join("index.html")).unwrap(),
-            b"<h1>from libnfs</h1>\n"
-        );
-    }
+    nfs_replace(c, "index.html", b"<h1>from libnfs</h1>\n");
 
     // --- 5. a frozen client: the writer proceeds once its lease runs out, and the frozen
     // node, resumed, does not return the old bytes ---

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::local::LocalShare;
+use crate::local::{LocalMount, LocalShare};
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     let local = LocalShare::start("shoal-demo.", None, Duration::from_secs(10))?;
@@ -32,33 +32,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let page = b"<h1>Hello from node-a</h1>\n";
     std::fs::write(mounts[0].dir.join("index.html"), page)?;
     writeln!(out, "node-a wrote index.html ({} bytes)", page.len())?;
-    for m in &mounts[1..] {
-        let seen = std::fs::read(m.dir.join("index.html"))?;
-        writeln!(
-            out,
-            "{} reads: {}",
-            m.dir.display(),
-            String::from_utf8_lossy(&seen).trim_end()
-        )?;
-        if seen != page {
-            bail!("{} saw different bytes", m.dir.display());
-        }
-    }
+    read_everywhere(&mut out, &mounts[1..], page)?;
     let edit = b"<h1>Edited on node-c</h1>\n";
     std::fs::write(mounts[2].dir.join("index.html"), edit)?;
     writeln!(out, "node-c rewrote index.html")?;
-    for m in &mounts[..2] {
-        let seen = std::fs::read(m.dir.join("index.html"))?;
-        writeln!(
-            out,
-            "{} reads: {}",
-            m.dir.display(),
-            String::from_utf8_lossy(&seen).trim_end()
-        )?;
-        if seen != edit {
-            bail!("{} saw stale bytes", m.dir.display());
-        }
-    }
+    read_everywhere(&mut out, &mounts[..2], edit)?;
     let s = running.share.leases.stats();
     let ms = |d: Option<std::time::Duration>| {
         d.map_or("-".to_string(), |d| {
@@ -85,5 +63,19 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     drop(mounts);
     drop(local);
     writeln!(out, "unmounted and cleaned up")?;
+    Ok(())
+}
+
+/// Reads `index.html` through each of `mounts`, says what each saw, and fails on any other
+/// bytes than `want`.
+fn read_everywhere(out: &mut impl Write, mounts: &[LocalMount], want: &[u8]) -> anyhow::Result<()> {
+    for m in mounts {
+        let seen = std::fs::read(m.dir.join("index.html"))?;
+        let shown = String::from_utf8_lossy(&seen);
+        writeln!(out, "{} reads: {}", m.dir.display(), shown.trim_end())?;
+        if seen != want {
+            bail!("{} saw other bytes than were written", m.dir.display());
+        }
+    }
     Ok(())
 }
