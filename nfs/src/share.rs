@@ -95,6 +95,9 @@ impl Share {
     /// file's last name and a client has it open, link it into the orphans directory so its
     /// data outlives the name. Returns the node to adopt once the change is made.
     fn keep_if_open(&self, dir: NodeId, name: &[u8], except: Option<NodeId>) -> Option<NodeId> {
+        if self.opens.is_empty() {
+            return None; // nothing open anywhere: no lookup on the hot path
+        }
         let victim = self.volume.lookup(dir, name).ok()?;
         if victim.kind != FileKind::File || victim.nlink != 1 || Some(victim.node) == except {
             return None;
@@ -224,10 +227,10 @@ impl Share {
         to: &[u8],
         no_replace: bool,
     ) -> VolResult<()> {
-        let moving = self.volume.lookup(from_dir, from).ok().map(|a| a.node);
-        let kept = if no_replace {
+        let kept = if no_replace || self.opens.is_empty() {
             None
         } else {
+            let moving = self.volume.lookup(from_dir, from).ok().map(|a| a.node);
             self.keep_if_open(to_dir, to, moving)
         };
         let renamed = self.volume.rename(from_dir, from, to_dir, to, no_replace);
