@@ -139,8 +139,9 @@ impl Conn {
 struct Inner {
     addr: SocketAddr,
     opts: ClientOptions,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
-    /// The current connection, readable without awaiting (for `cache_valid`).
+    /// Held while a connection is opened, so concurrent callers open only one.
+    connecting: tokio::sync::Mutex<()>,
+    /// The current connection.
     current: Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
     /// Increments each time a new session is established: every cache from an older
@@ -180,7 +181,7 @@ impl Client {
         let inner = Arc::new(Inner {
             addr: chan,
             opts,
-            conn: tokio::sync::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             current: Mutex::new(None),
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
@@ -282,8 +283,9 @@ impl Client {
 
     /// The current live connection, or a new one.
     async fn connection(&self) -> Result<Arc<Conn>, ClientError> {
-        let mut slot = self.inner.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
+        let _connecting = self.inner.connecting.lock().await;
+        let current = self.inner.current.lock().unwrap().clone();
+        if let Some(c) = current.as_ref() {
             let now = self.inner.epoch.elapsed().as_nanos() as u64;
             let lapsed = now
                 > c.valid_until.load(Ordering::SeqCst) + c.session.lease_term.as_nanos() as u64 / 5;
@@ -300,7 +302,6 @@ impl Client {
         }
         let conn = open(&self.inner).await?;
         self.inner.generation.fetch_add(1, Ordering::SeqCst);
-        *slot = Some(conn.clone());
         *self.inner.current.lock().unwrap() = Some(conn.clone());
         Ok(conn)
     }
