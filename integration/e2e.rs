@@ -58,6 +58,26 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Starts `shoal serve` on `export` at 127.0.0.1:`port` (lease term [`LEASE_TERM_S`]) and
+/// waits until its lease channel answers.
+fn serve(export: &Path, port: u16) -> Proc {
+    let p = Proc(
+        Command::new(SHOAL)
+            .arg("serve")
+            .arg(export)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--lease-term", &LEASE_TERM_S.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let chan: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    wait_for("shoal serve", Duration::from_secs(10), || {
+        TcpStream::connect(chan).is_ok()
+    });
+    p
+}
+
 /// Two free consecutive ports: NFS on the first, the lease channel on the second.
 fn free_port_pair() -> u16 {
     for _ in 0..100 {
@@ -236,24 +256,7 @@ async fn three_nodes_three_replicas_see_the_same_files() {
 
     // --- the share-manager ---
     let port = free_port_pair();
-    let _server = Proc(
-        Command::new(SHOAL)
-            .arg("serve")
-            .arg(&export)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--lease-term",
-                &LEASE_TERM_S.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let chan: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
-    wait_for("shoal serve", Duration::from_secs(10), || {
-        TcpStream::connect(chan).is_ok()
-    });
+    let _server = serve(&export, port);
     let share = format!("127.0.0.1:{port}");
 
     // --- three node plugins ---
@@ -590,23 +593,7 @@ async fn acknowledged_writes_survive_a_server_crash() {
     std::fs::create_dir(&export).unwrap();
     std::fs::create_dir(&mnt).unwrap();
     let port = free_port_pair();
-    let serve = || {
-        let p = Proc(
-            Command::new(SHOAL)
-                .arg("serve")
-                .arg(&export)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let chan: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
-        wait_for("shoal serve", Duration::from_secs(10), || {
-            TcpStream::connect(chan).is_ok()
-        });
-        p
-    };
-    let mut server = serve();
+    let mut server = serve(&export, port);
     let _mount = Proc(
         Command::new(SHOAL)
             .args(["mount", &format!("127.0.0.1:{port}")])
@@ -629,7 +616,7 @@ async fn acknowledged_writes_survive_a_server_crash() {
     );
 
     // Same data, same node ids: the mount carries on once a server is back.
-    let _server = serve();
+    let _server = serve(&export, port);
     let mut back = None;
     wait_for(
         "the mount to reach the restarted server",
