@@ -5,11 +5,24 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shoal_fuse::{mount, MountError, MountOptions};
 use shoal_nfs::server::{start, Running, ServeOptions};
+
+/// Tests run side by side, but the killed-client test relies on fusermount3's automatic
+/// unmount, which was seen to miss its mount (twice in some thirty full runs, never alone)
+/// while other tests mounted and unmounted at the same time: that test takes its turn alone.
+static TURN: RwLock<()> = RwLock::new(());
+
+/// A test's hold on [`TURN`], released when its server (dropped after its mounts) goes.
+#[allow(dead_code)] // held for its Drop only
+enum Turn {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
 
 /// A share-manager on a temporary export, with its own runtime.
 struct Server {
@@ -17,6 +30,7 @@ struct Server {
     running: Option<Running>,
     rt: Option<tokio::runtime::Runtime>,
     term: Duration,
+    _turn: Turn,
 }
 
 impl Server {
@@ -25,6 +39,17 @@ impl Server {
     }
 
     fn with_term(term: Duration) -> Server {
+        let turn = Turn::Shared(TURN.read().unwrap_or_else(|e| e.into_inner()));
+        Server::build(term, turn)
+    }
+
+    /// A server for a test that must not run beside the others.
+    fn alone() -> Server {
+        let turn = Turn::Alone(TURN.write().unwrap_or_else(|e| e.into_inner()));
+        Server::build(Duration::from_secs(10), turn)
+    }
+
+    fn build(term: Duration, turn: Turn) -> Server {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -34,6 +59,7 @@ impl Server {
             running: None,
             rt: None,
             term,
+            _turn: turn,
         };
         s.serve("127.0.0.1:0".parse().unwrap());
         s
@@ -671,7 +697,7 @@ fn a_killed_client_leaves_no_mount_behind() {
         eprintln!("skipping: needs fusermount3 (auto_unmount)");
         return;
     }
-    let server = Server::start();
+    let server = Server::alone();
     let mut c = ChildMount::new(&server);
     fs::write(c.path("f"), b"x").unwrap();
     c.child.kill().unwrap();
